@@ -1,0 +1,145 @@
+"""What ResRL's token weighting costs: alone, and inside a full update step next to GRPO.
+
+    python benchmarks/resrl_overhead.py [--quick]
+
+1. `residual_token_weights` alone on (groups x n, T, H) hidden states: randomized
+   (default) and exact, batched; and a per-group Python loop of the same exact
+   computation, for comparison.
+2. `PolicyTrainer.train_step` with algorithm.name=grpo and =resrl on the same batch
+   and starting weights, alternating, median of the repeats: the ResRL / GRPO ratio,
+   for the default config's batch shape and for a larger one.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from resrl.algorithms import residual_token_weights  # noqa: E402
+from resrl.batch import RolloutBatch  # noqa: E402
+
+
+def synthetic_states(groups, n, T, H, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.randn(groups, H, 16, generator=g)
+    gid = torch.arange(groups).repeat_interleave(n)
+    hs = torch.einsum("bhr,btr->bth", basis[gid], torch.randn(groups * n, T, 16, generator=g))
+    hs += 0.5 * torch.randn(groups * n, T, H, generator=g)
+    lengths = torch.randint(T // 4, T + 1, (groups * n,), generator=g)
+    mask = torch.arange(T)[None] < lengths[:, None]
+    pos = (torch.arange(groups * n) % n) < n // 2
+    return hs, mask, pos, gid
+
+
+def timed(fn, repeats=3):
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def weighting_alone(groups, n, T, H, rank):
+    hs, mask, pos, gid = synthetic_states(groups, n, T, H)
+    kw = dict(rank=rank, q_low=0.2, q_high=0.8, min_weight=0.1)
+    rand = timed(lambda: residual_token_weights(hs, mask, pos, gid, svd="randomized", **kw))
+    exact = timed(lambda: residual_token_weights(hs, mask, pos, gid, svd="exact", **kw))
+    loop = timed(lambda: [residual_token_weights(hs[gid == g], mask[gid == g], pos[gid == g], gid[gid == g],
+                                                 svd="exact", **kw) for g in range(groups)], repeats=1)
+    w_r = residual_token_weights(hs, mask, pos, gid, svd="randomized", **kw)
+    w_e = residual_token_weights(hs, mask, pos, gid, svd="exact", **kw)
+    print(f"  weights alone, {groups} groups x {n} x {T} tokens, H={H}, rank={rank}: "
+          f"randomized {rand * 1e3:.1f} ms | exact (batched) {exact * 1e3:.1f} ms | "
+          f"exact, loop over groups {loop * 1e3:.1f} ms | max |randomized - exact| {float((w_r - w_e).abs().max()):.4f}")
+
+
+def make_batch(groups, n, prompt_len, T, vocab, seed=0) -> RolloutBatch:
+    g = torch.Generator().manual_seed(seed)
+    prompts, responses, scores, gids = [], [], [], []
+    for grp in range(groups):
+        p = torch.randint(0, vocab, (prompt_len,), generator=g).tolist()
+        for i in range(n):
+            length = int(torch.randint(T // 2, T + 1, (1,), generator=g))
+            prompts.append(p)
+            responses.append(torch.randint(0, vocab, (length,), generator=g).tolist())
+            scores.append(float(i < n // 4 + (grp % 3)))
+            gids.append(grp)
+    s = torch.tensor(scores)
+    return RolloutBatch(prompts, responses, s.clone(), s, torch.tensor(gids))
+
+
+def update_ratio(label, model_dir, batch, overrides, repeats):
+    from resrl.config import load_config
+    from resrl.trainer import PolicyTrainer
+
+    trainers = {}
+    for algo in ("grpo", "resrl"):
+        cfg = load_config(None, [f"algorithm.name={algo}", "trainer.device=cpu", *overrides])
+        trainers[algo] = PolicyTrainer(str(model_dir), cfg, rollout_batch_size=len(batch))
+    times = {"grpo": [], "resrl": []}
+    weight_s = []
+    for r in range(repeats + 1):  # the first round warms up
+        for algo, tr in trainers.items():
+            t = time.perf_counter()
+            tr.train_step(batch, step=r + 1)
+            if r:
+                times[algo].append(time.perf_counter() - t)
+    # the weighting's own share: score() with and without the token-weight function
+    tr = trainers["resrl"]
+    fn = tr.algorithm
+    t_with = timed(lambda: tr.score(batch), repeats=max(1, repeats))
+    tr.algorithm = trainers["grpo"].algorithm
+    t_without = timed(lambda: tr.score(batch), repeats=max(1, repeats))
+    tr.algorithm = fn
+    g, s = statistics.median(times["grpo"]), statistics.median(times["resrl"])
+    print(f"  update step, {label}: GRPO {g:.2f} s | ResRL {s:.2f} s | ratio {s / g:.3f} "
+          f"| ResRL's scoring pass {t_with:.2f} s vs {t_without:.2f} s without weighting")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="small shapes only")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    print(f"torch threads: {torch.get_num_threads()}")
+    print("1) ResRL weighting alone")
+    weighting_alone(32, 8, 32, 128, rank=8)
+    if not args.quick:
+        weighting_alone(64, 8, 256, 512, rank=64)
+
+    print("2) full update step, ResRL vs GRPO, same batch and weights")
+    from omegaconf import OmegaConf
+
+    from resrl.config import load_config
+    from resrl.embedded import save_embedded_base
+
+    cfg = load_config()
+    with tempfile.TemporaryDirectory() as tmp:
+        small = save_embedded_base(Path(tmp) / "default", cfg.model.tiny, seed=0)
+        r = cfg.rollout
+        batch = make_batch(r.prompts_per_step, r.n, 12, 26, 250)
+        update_ratio(f"default shape ({r.prompts_per_step} groups x {r.n} x ~26 tokens, H={cfg.model.tiny.hidden_size})",
+                     small, batch, [], repeats=3)
+        if not args.quick:
+            big_cfg = OmegaConf.create(dict(hidden_size=512, intermediate_size=1024, num_layers=2, num_heads=8,
+                                            num_kv_heads=4, max_positions=512))
+            big = save_embedded_base(Path(tmp) / "h512", big_cfg, seed=0)
+            batch = make_batch(64, 8, 32, 256, 250)
+            update_ratio("64 groups x 8 x 256 tokens, H=512 (2 layers)", big, batch,
+                         ["rollout.prompts_per_step=64", "rollout.n=8", "trainer.micro_batch_size=32",
+                          "algorithm.rank=64", "rollout.max_tokens=256", "trainer.mini_batches=1"], repeats=1)
+
+
+if __name__ == "__main__":
+    main()

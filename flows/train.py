@@ -1,0 +1,148 @@
+"""The training flow: data preparation once, then rollout -> update per RL step,
+evaluation every `eval.every` steps and at the end; everything logged to one MLflow run.
+
+Re-running the same config continues from the run folder's last checkpoint.
+"""
+from __future__ import annotations
+
+import resource
+import time
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+
+from resrl.config import ConfigError, config_hash, from_dict, run_dir, run_name, validate
+from resrl.run_state import RunState, checkpoint_dir
+from tasks import tracking
+from tasks.steps import evaluate_policy, generate_rollouts, prepare_data, update_policy
+
+
+def _peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)  # KiB on Linux
+
+
+def _open_state(cfg, rdir: Path) -> RunState:
+    h = config_hash(cfg)
+    state = RunState.load(rdir)
+    if state is None:
+        state = RunState(config_hash=h)
+        state.save(rdir)
+        return state
+    if state.config_hash != h:
+        raise ConfigError(f"run folder {rdir} holds a run with a different config (hash {state.config_hash}, "
+                          f"now {h}); set run.name to a new name, or leave it unset to get one per config.")
+    if not cfg.run.resume and (state.step > 0 or state.finished):
+        raise ConfigError(f"run folder {rdir} already holds a run at step {state.step}; run.resume=false "
+                          "refuses to overwrite it. Delete the folder or pick another run.name.")
+    return state
+
+
+def _log_eval(cfg, run_id: str, result: dict, step: int) -> None:
+    import json
+
+    import pandas as pd
+
+    tracking.log_metrics(cfg, run_id, result["metrics"], step)
+    out = Path(result["dir"])
+    client = tracking.client_for(cfg)
+    samples = json.loads((out / "samples.json").read_text())
+    if samples:
+        client.log_table(run_id, data=pd.DataFrame(samples), artifact_file=f"eval/{out.name}/samples.json")
+    client.log_artifact(run_id, str(out / "pass_at_k.png"), artifact_path=f"eval/{out.name}")
+
+
+@flow(name="resrl-train")
+def train_flow(config: dict) -> dict:
+    """Train one policy with the algorithm in `config["algorithm"]["name"]` and evaluate it."""
+    t_flow = time.time()
+    logger = get_run_logger()
+    cfg = from_dict(config)
+    validate(cfg)
+    rdir = run_dir(cfg)
+    state = _open_state(cfg, rdir)
+    uri = tracking.tracking_uri(cfg)
+    if state.finished:
+        logger.info("Run %s already finished; nothing to do (MLflow run %s).", rdir, state.mlflow_run_id)
+        return {"run_dir": str(rdir), "mlflow_run_id": state.mlflow_run_id, "tracking_uri": uri,
+                "already_finished": True}
+
+    timings = {"prepare": 0.0, "rollout": 0.0, "update": 0.0, "eval": 0.0}
+    prepared = prepare_data(config)
+    timings["prepare"] = prepared["seconds"]
+    for line in prepared["summary_lines"]:
+        logger.info("data: %s", line)
+    logger.info("policy: %s (warm-start %s)", prepared["policy_dir"],
+                {None: "off", True: "reused from cache", False: "trained now"}[prepared["warmstart_reused"]])
+
+    fr_id = str(flow_run.id) if flow_run.id else "none"
+    client = tracking.client_for(cfg)
+    if state.mlflow_run_id is None:
+        state.mlflow_run_id = tracking.start_run(cfg, run_name(cfg), tags={
+            "prefect.flow_run_id": fr_id, "resrl.config_hash": state.config_hash,
+            "resrl.run_dir": str(rdir.resolve()), "resrl.algorithm": cfg.algorithm.name})
+        tracking.log_config_params(cfg, state.mlflow_run_id)
+        client.log_text(state.mlflow_run_id, OmegaConf.to_yaml(cfg), "config.yaml")
+        tracking.log_metrics(cfg, state.mlflow_run_id, prepared["metrics"], 0)
+        state.save(rdir)
+    else:
+        logger.info("Resuming %s from step %d (MLflow run %s).", rdir, state.step, state.mlflow_run_id)
+        client.set_terminated(state.mlflow_run_id, status="RUNNING")
+        client.set_tag(state.mlflow_run_id, "prefect.flow_run_id", fr_id)
+    run_id = state.mlflow_run_id
+
+    def evaluate(step: int) -> dict:
+        result = evaluate_policy(config, prepared, step)
+        _log_eval(cfg, run_id, result, step)
+        timings["eval"] += result["metrics"]["time/eval_s"]
+        state.evaluated = sorted(set(state.evaluated) | {step})
+        state.save(rdir)
+        m = result["metrics"]
+        logger.info("eval step %d: avg@%d %.3f | pass@%d %.3f | pass@1 %.3f", step, cfg.eval.k,
+                    m[f"eval/avg_at_{cfg.eval.k}"], cfg.eval.k, m[f"eval/pass_at_{cfg.eval.k}"], m["eval/pass_at_1"])
+        return m
+
+    steps = cfg.trainer.steps
+    last_eval: dict = {}
+    due = state.step == 0 or state.step % cfg.eval.every == 0 or state.step == steps
+    if due and state.step not in state.evaluated:
+        last_eval = evaluate(state.step)
+    try:
+        for step in range(state.step + 1, steps + 1):
+            roll = generate_rollouts(config, prepared, step)
+            upd = update_policy(config, prepared, roll["path"], step)
+            metrics = {**roll["metrics"], **upd["metrics"]}
+            timings["rollout"] += metrics["time/rollout_s"]
+            timings["update"] += metrics["time/update_s"] + metrics["time/weight_sync_s"]
+            tracking.log_metrics(cfg, run_id, metrics, step)
+            logger.info("step %d/%d | reward %.3f | pass %.3f | len %.1f | loss %.4f | gnorm %.3f | "
+                        "w_neg %.3f | lld %.4f | %.1fs rollout %.1fs update", step, steps,
+                        metrics["train/reward_mean"], metrics["train/pass_rate"], metrics["train/response_length"],
+                        metrics["train/loss"], metrics["train/grad_norm"], metrics.get("train/resrl/weight_mean",
+                                                                                       float("nan")),
+                        metrics["train/lld"], metrics["time/rollout_s"], metrics["time/update_s"])
+            if upd["checkpoint"]:
+                state = RunState.load(rdir)
+            if step % cfg.eval.every == 0 or step == steps:
+                last_eval = evaluate(step)
+    except BaseException:
+        client.set_terminated(run_id, status="FAILED")
+        raise
+
+    from resrl.session import close_session
+
+    close_session(str(rdir))
+    final_policy = checkpoint_dir(rdir, steps) / "policy" if steps > 0 else Path(prepared["policy_dir"])
+    client.log_artifacts(run_id, str(final_policy), artifact_path="policy")
+    total = time.time() - t_flow
+    timings["orchestration"] = total - sum(timings.values())
+    summary_metrics = {f"time/total_{k}_s": v for k, v in timings.items()}
+    summary_metrics["time/flow_s"] = total
+    summary_metrics["sys/peak_rss_gb"] = _peak_rss_gb()
+    tracking.log_metrics(cfg, run_id, summary_metrics, steps)
+    client.set_terminated(run_id, status="FINISHED")
+    state.finished = True
+    state.save(rdir)
+    return {"run_dir": str(rdir), "mlflow_run_id": run_id, "tracking_uri": uri, "final_eval": last_eval,
+            "timings": timings, "peak_rss_gb": summary_metrics["sys/peak_rss_gb"], "already_finished": False}

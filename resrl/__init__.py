@@ -1,0 +1,6 @@
+"""ResRL: residual-weighted negative reinforcement for RL with verifiable rewards.
+
+The library (this package) has no Prefect or MLflow dependency; `tasks/` and
+`flows/` wrap it into the orchestrated, tracked workflow.
+"""
+__version__ = "0.1.0"

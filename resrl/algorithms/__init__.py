@@ -1,0 +1,20 @@
+"""RL algorithms for verifiable rewards, registered by name.
+
+    from resrl.algorithms import ALGORITHMS, get_algorithm, residual_token_weights
+"""
+from resrl.algorithms.registry import ALGORITHMS, Algorithm, get_algorithm, register_algorithm
+from resrl.algorithms.residual import ResidualStats, residual_token_weights
+from resrl.algorithms.losses import (
+    LOSS_AGGREGATIONS,
+    clipped_token_loss,
+    kl_estimate,
+    policy_loss,
+    token_coefficients,
+)
+from resrl.algorithms import advantages as _builtins  # noqa: F401  (registers the built-in algorithms)
+
+__all__ = [
+    "ALGORITHMS", "Algorithm", "get_algorithm", "register_algorithm",
+    "ResidualStats", "residual_token_weights",
+    "LOSS_AGGREGATIONS", "clipped_token_loss", "kl_estimate", "policy_loss", "token_coefficients",
+]

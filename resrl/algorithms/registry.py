@@ -1,0 +1,56 @@
+"""Algorithms by name.
+
+An algorithm is two functions: one from a batch's rewards to one advantage per
+sequence, and optionally one that rescales advantages token by token from the
+trainer's hidden states. Everything else (the clipped loss, aggregation, the
+DeepSpeed step) is shared, so two algorithms differ only where their papers differ.
+
+    @register_algorithm("my_algo", needs_groups=True)
+    def my_advantages(rewards, correct, group_ids, params): ...
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+
+# (rewards (B,), correct (B,) bool, group_ids (B,) long, params) -> advantages (B,)
+AdvantageFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Any], torch.Tensor]
+# (hidden (B,T,H), response_mask, correct, group_ids, params) -> (weights (B,T), stats)
+TokenWeightFn = Callable[..., tuple]
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    name: str
+    advantages: AdvantageFn
+    needs_groups: bool                       # uses group statistics: needs n >= 2 samples per prompt
+    token_weights: Optional[TokenWeightFn] = None
+    loss_agg: Optional[str] = None           # forces this loss aggregation when set
+    summary: str = ""
+
+    def effective_loss_agg(self, configured: str) -> str:
+        return self.loss_agg or configured
+
+
+ALGORITHMS: dict[str, Algorithm] = {}
+
+
+def register_algorithm(name: str, *, needs_groups: bool, token_weights: Optional[TokenWeightFn] = None,
+                       loss_agg: Optional[str] = None):
+    """Decorator: register an advantage function under `name`."""
+    def wrap(fn: AdvantageFn) -> AdvantageFn:
+        if name in ALGORITHMS:
+            raise ValueError(f"algorithm {name!r} is already registered")
+        ALGORITHMS[name] = Algorithm(name, fn, needs_groups, token_weights, loss_agg,
+                                     (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else "")
+        return fn
+    return wrap
+
+
+def get_algorithm(name: str) -> Algorithm:
+    try:
+        return ALGORITHMS[name]
+    except KeyError:
+        raise ValueError(f"unknown algorithm {name!r}; registered: {', '.join(sorted(ALGORITHMS))}") from None

@@ -1,0 +1,88 @@
+"""A batch of scored rollouts, its on-disk form (safetensors), and its tensor layout.
+
+Layout for the trainer: prompts left-padded to P, responses right-padded to T, so
+every response starts at column P; the logits (and hidden states) that produce
+response token t sit at column P - 1 + t.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+@dataclass
+class RolloutBatch:
+    prompt_ids: list[list[int]]      # one entry per sample (repeated across a group)
+    response_ids: list[list[int]]
+    rewards: torch.Tensor            # (B,) float, after reward shaping
+    scores: torch.Tensor             # (B,) float, the verifier's raw score
+    group_ids: torch.Tensor          # (B,) long: samples of one prompt share an id
+    texts: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.response_ids)
+
+    @property
+    def correct(self) -> torch.Tensor:
+        """A sample is positive when its verifier score is at least 0.5."""
+        return self.scores >= 0.5
+
+    def select(self, rows) -> "RolloutBatch":
+        rows = [int(r) for r in rows]
+        return RolloutBatch([self.prompt_ids[r] for r in rows], [self.response_ids[r] for r in rows],
+                            self.rewards[rows], self.scores[rows], self.group_ids[rows],
+                            [self.texts[r] for r in rows] if self.texts else [])
+
+    def response_mask(self) -> torch.Tensor:
+        T = max((len(r) for r in self.response_ids), default=0)
+        lengths = torch.tensor([len(r) for r in self.response_ids])
+        return torch.arange(T)[None, :] < lengths[:, None]
+
+    # ------------------------------------------------------------------ disk
+    def save(self, path: Path) -> Path:
+        def flat(seqs):
+            return (torch.tensor([t for s in seqs for t in s], dtype=torch.long),
+                    torch.tensor([len(s) for s in seqs], dtype=torch.long))
+        p_flat, p_len = flat(self.prompt_ids)
+        r_flat, r_len = flat(self.response_ids)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"prompt_flat": p_flat, "prompt_len": p_len, "response_flat": r_flat, "response_len": r_len,
+                   "rewards": self.rewards.float(), "scores": self.scores.float(),
+                   "group_ids": self.group_ids.long()},
+                  str(path), metadata={"texts": json.dumps(self.texts)})
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> "RolloutBatch":
+        from safetensors import safe_open
+
+        t = load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            texts = json.loads(f.metadata().get("texts", "[]"))
+
+        def unflat(flat, lengths):
+            return [s.tolist() for s in torch.split(flat, lengths.tolist())]
+        return cls(unflat(t["prompt_flat"], t["prompt_len"]), unflat(t["response_flat"], t["response_len"]),
+                   t["rewards"], t["scores"], t["group_ids"], texts)
+
+
+def pack(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-pad prompts, right-pad responses: input_ids, attention_mask, position_ids, response_mask."""
+    P = max(len(p) for p in prompt_ids)
+    T = max(max((len(r) for r in response_ids), default=0), 1)
+    B = len(prompt_ids)
+    ids = torch.full((B, P + T), pad_id, dtype=torch.long)
+    attn = torch.zeros(B, P + T, dtype=torch.long)
+    for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
+        ids[i, P - len(p):P] = torch.tensor(p, dtype=torch.long)
+        attn[i, P - len(p):P] = 1
+        if r:
+            ids[i, P:P + len(r)] = torch.tensor(r, dtype=torch.long)
+            attn[i, P:P + len(r)] = 1
+    position_ids = (attn.cumsum(dim=1) - 1).clamp_min(0)
+    return {"input_ids": ids, "attention_mask": attn, "position_ids": position_ids,
+            "response_mask": attn[:, P:].bool(), "prompt_width": P}

@@ -1,0 +1,59 @@
+"""Rewards by `data_source`, with verl's signature so existing reward functions drop in:
+
+    from resrl.rewards import compute_score
+    compute_score(data_source, solution_str, ground_truth, extra_info=None) -> float
+
+Register more with `@register_reward("my_source")`, or point `reward.function` at a
+`module:function` of your own with the same signature.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Callable, Optional
+
+from resrl.rewards.numeric import numeric_score
+
+RewardFn = Callable[[str, str, Optional[dict]], float]
+REWARDS: dict[str, RewardFn] = {}
+
+
+def register_reward(*data_sources: str):
+    def wrap(fn: RewardFn) -> RewardFn:
+        for name in data_sources:
+            REWARDS[name] = fn
+        return fn
+    return wrap
+
+
+def compute_score(data_source: str, solution_str: str, ground_truth: str, extra_info: Optional[dict] = None) -> float:
+    """Score one response by the verifier registered for `data_source`."""
+    try:
+        fn = REWARDS[data_source]
+    except KeyError:
+        raise KeyError(f"no reward function registered for data_source {data_source!r}; known: "
+                       f"{', '.join(sorted(REWARDS))}. Set reward.function to 'module:function'.") from None
+    return float(fn(solution_str, ground_truth, extra_info))
+
+
+def load_reward_function(spec: Optional[str]) -> Callable[..., float]:
+    """`None` -> compute_score; `"pkg.module:fn"` -> that function (verl signature)."""
+    if spec is None:
+        return compute_score
+    module_name, _, attr = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"reward.function {spec!r} cannot be loaded: {exc}") from exc
+    if not callable(fn):
+        raise ValueError(f"reward.function {spec!r} is not callable")
+    return fn
+
+
+@register_reward("synthetic_arith")
+def _synthetic(solution_str, ground_truth, extra_info=None):
+    return numeric_score(solution_str, ground_truth, strict=True)
+
+
+@register_reward("gsm8k", "openai/gsm8k")
+def _gsm8k(solution_str, ground_truth, extra_info=None):
+    return numeric_score(solution_str, ground_truth)

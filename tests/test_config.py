@@ -1,0 +1,88 @@
+"""Config loading: unknown keys, types and values fail early with messages that name them."""
+import pytest
+
+from resrl.config import ConfigError, config_hash, load_config, run_name
+
+
+def test_defaults_load_and_resrl_is_default():
+    cfg = load_config()
+    assert cfg.algorithm.name == "resrl"
+    assert cfg.algorithm.q_low == 0.2 and cfg.algorithm.q_high == 0.8 and cfg.algorithm.pos_weight == 0.1
+
+
+def test_unknown_key_is_named_with_suggestions():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["algorithm.rnak=4"])
+    assert "algorithm.rnak" in str(e.value) and "algorithm.rank" in str(e.value)
+
+
+def test_unknown_key_in_file(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("trainer:\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match="trainer.learning_rate"):
+        load_config(f)
+
+
+def test_leaf_under_wrong_section_is_suggested():
+    with pytest.raises(ConfigError, match="algorithm.min_weight"):
+        load_config(None, ["trainer.min_weight=0.3"])
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("algorithm.rank=0", "algorithm.rank"),
+    ("algorithm.q_low=0.9", "q_low"),
+    ("algorithm.q_high=1.5", "q_high"),
+    ("rollout.n=1", "rollout.n"),
+    ("algorithm.name=ppo_magic", "algorithm.name"),
+    ("loss.agg=sum", "loss.agg"),
+    ("trainer.lr=abc", "trainer.lr"),
+    ("rollout.prompts_per_step=3 rollout.n=3", "divisible"),
+    ("trainer.zero_stage=4", "zero_stage"),
+])
+def test_bad_values(override, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_config(None, override.split())
+
+
+def test_single_sample_allowed_for_non_group_algorithms():
+    cfg = load_config(None, ["algorithm.name=nsr", "rollout.n=1", "trainer.mini_batches=1"])
+    assert cfg.rollout.n == 1
+
+
+def test_model_path_must_be_a_hf_folder(tmp_path):
+    with pytest.raises(ConfigError, match="not a directory"):
+        load_config(None, [f"model.path={tmp_path / 'missing'}"])
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="tokenizer"):
+        load_config(None, [f"model.path={tmp_path}"])
+    (tmp_path / "tokenizer.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"x")
+    with pytest.raises(ConfigError, match="safetensors"):
+        load_config(None, [f"model.path={tmp_path}"])
+
+
+def test_override_syntax_error():
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["algorithm.rank"])
+
+
+def test_int_for_float_is_accepted_and_hash_is_stable():
+    a = load_config(None, ["trainer.lr=1"])
+    b = load_config(None, ["trainer.lr=1.0"])
+    assert a.trainer.lr == 1.0 and config_hash(a) == config_hash(b)
+
+
+def test_hash_ignores_bookkeeping_keys_but_not_algorithm():
+    base = load_config()
+    assert config_hash(base) == config_hash(load_config(None, ["run.output_dir=/elsewhere", "run.progress=false"]))
+    other = load_config(None, ["algorithm.rank=16"])
+    assert config_hash(base) != config_hash(other)
+    assert run_name(other).startswith("resrl-") and run_name(other) != run_name(base)
+
+
+def test_cli_reports_config_error_before_loading_anything(capsys):
+    from resrl.cli import main
+
+    assert main(["train", "algorithm.rnk=3"]) == 2
+    err = capsys.readouterr().err
+    assert "algorithm.rnk" in err and "algorithm.rank" in err

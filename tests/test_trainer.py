@@ -1,0 +1,151 @@
+"""The DeepSpeed trainer on a very small model: hidden-state capture, whole-group
+ResRL weighting independent of micro-batching, exact micro-batch gradient
+accumulation, and checkpoint round trips."""
+import pytest
+import torch
+
+from resrl.algorithms import residual_token_weights
+from resrl.batch import RolloutBatch, pack
+from resrl.config import load_config
+from resrl.trainer import PolicyTrainer, capture_hidden
+
+GROUPS, N = 4, 4
+
+
+def make_batch(seed=0, vocab=250) -> RolloutBatch:
+    g = torch.Generator().manual_seed(seed)
+    prompts, responses, scores, gids = [], [], [], []
+    for grp in range(GROUPS):
+        prompt = torch.randint(0, vocab, (int(torch.randint(3, 9, (1,), generator=g)),), generator=g).tolist()
+        for i in range(N):
+            length = int(torch.randint(2, 12, (1,), generator=g))
+            responses.append(torch.randint(0, vocab, (length,), generator=g).tolist())
+            prompts.append(prompt)
+            scores.append(float((i + grp) % 3 == 0))  # mixed groups, group 2 has one positive
+            gids.append(grp)
+    s = torch.tensor(scores)
+    return RolloutBatch(prompts, responses, s.clone(), s, torch.tensor(gids))
+
+
+def trainer_for(model_dir, *overrides):
+    cfg = load_config(None, [f"rollout.prompts_per_step={GROUPS}", f"rollout.n={N}", "trainer.device=cpu",
+                             "trainer.lr=1e-3", "trainer.warmup_steps=1", "algorithm.rank=3", *overrides])
+    return PolicyTrainer(str(model_dir), cfg, rollout_batch_size=GROUPS * N)
+
+
+def test_capture_hidden_matches_output_hidden_states(micro_model):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(micro_model)
+    ids = torch.randint(0, 250, (2, 7))
+    with torch.no_grad():
+        ref = model(input_ids=ids, output_hidden_states=True).hidden_states
+        for layer in (-1, -2, 1, 2):
+            with capture_hidden(model, layer) as box:
+                model(input_ids=ids)
+            torch.testing.assert_close(box["h"], ref[layer])
+    with pytest.raises(ValueError, match="hidden_layer"):
+        with capture_hidden(model, 7):
+            pass
+
+
+@pytest.fixture(scope="module")
+def trainers(micro_model):
+    """Same model and batch, micro-batch size 1, N (one group) and the whole batch."""
+    return {mb: trainer_for(micro_model, f"trainer.micro_batch_size={mb}", "trainer.mini_batches=1")
+            for mb in (1, N, GROUPS * N)}
+
+
+def test_scoring_logprobs_match_a_plain_forward(trainers, micro_model):
+    from transformers import AutoModelForCausalLM
+
+    batch = make_batch()
+    scored = trainers[N].score(batch)
+    model = AutoModelForCausalLM.from_pretrained(micro_model)
+    for i in (0, 5, 11):  # one sequence at a time, no padding at all
+        ids = torch.tensor([batch.prompt_ids[i] + batch.response_ids[i]])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0]
+        P = len(batch.prompt_ids[i])
+        want = logits[P - 1:-1].log_softmax(-1).gather(-1, ids[0, P:, None]).squeeze(-1)
+        torch.testing.assert_close(scored.logp[i, :len(want)], want, atol=1e-5, rtol=0)
+
+
+def test_resrl_weights_independent_of_micro_batch_size(trainers):
+    batch = make_batch()
+    w = {mb: t.score(batch).token_weights for mb, t in trainers.items()}
+    assert torch.any(w[N] != 1.0)
+    torch.testing.assert_close(w[1], w[GROUPS * N], atol=1e-5, rtol=0)
+    torch.testing.assert_close(w[N], w[GROUPS * N], atol=1e-5, rtol=0)
+
+
+def test_trainer_weights_equal_public_function_on_whole_batch(trainers, micro_model):
+    from transformers import AutoModelForCausalLM
+
+    batch = make_batch()
+    t = trainers[N]
+    model = AutoModelForCausalLM.from_pretrained(micro_model)
+    packed = pack(batch.prompt_ids, batch.response_ids, t.pad_id)
+    P, T = packed["prompt_width"], packed["response_mask"].shape[1]
+    with torch.no_grad():
+        hs = model(input_ids=packed["input_ids"], attention_mask=packed["attention_mask"],
+                   position_ids=packed["position_ids"], output_hidden_states=True).hidden_states[-2]
+    a = t.cfg.algorithm
+    want = residual_token_weights(hs[:, P - 1:P + T - 1], packed["response_mask"], batch.correct, batch.group_ids,
+                                  rank=a.rank, q_low=a.q_low, q_high=a.q_high, min_weight=a.min_weight)
+    torch.testing.assert_close(t.score(batch).token_weights, want, atol=1e-4, rtol=0)
+
+
+def test_shuffled_batch_gives_permuted_weights(trainers):
+    batch = make_batch()
+    perm = torch.randperm(len(batch), generator=torch.Generator().manual_seed(1))
+    w = trainers[N].score(batch).token_weights
+    wp = trainers[N].score(batch.select(perm)).token_weights
+    torch.testing.assert_close(wp[:, :w.shape[1]], w[perm], atol=1e-5, rtol=0)
+
+
+def test_update_is_identical_for_any_micro_batch_size(micro_model):
+    batch = make_batch(seed=3)
+    after = []
+    for mb in (1, 5, GROUPS * N):
+        t = trainer_for(micro_model, f"trainer.micro_batch_size={mb}", "trainer.mini_batches=2",
+                        "loss.agg=seq-mean-token-mean")
+        before = {k: v.clone() for k, v in t.named_weights()}
+        metrics = t.train_step(batch, step=1)
+        assert all(torch.isfinite(torch.tensor(v)) for k, v in metrics.items() if k != "lld")
+        after.append(dict(t.named_weights()))
+    assert any(not torch.equal(before[k], after[0][k]) for k in before)
+    for other in after[1:]:
+        for k in after[0]:
+            torch.testing.assert_close(other[k], after[0][k], atol=2e-6, rtol=1e-5)
+
+
+def test_checkpoint_round_trip_resumes_exactly(micro_model, tmp_path):
+    b1, b2 = make_batch(seed=4), make_batch(seed=5)
+    straight = trainer_for(micro_model)
+    straight.train_step(b1, 1)
+    straight.train_step(b2, 2)
+
+    first = trainer_for(micro_model)
+    first.train_step(b1, 1)
+    first.save_checkpoint(tmp_path / "ck", 1)
+    assert (tmp_path / "ck" / "policy" / "model.safetensors").is_file()
+    resumed = trainer_for(tmp_path / "ck" / "policy")
+    assert resumed.load_checkpoint(tmp_path / "ck") == 1
+    assert resumed.scheduler.get_last_lr() == first.scheduler.get_last_lr()
+    resumed.train_step(b2, 2)
+    want = dict(straight.named_weights())
+    for k, v in resumed.named_weights():
+        torch.testing.assert_close(v, want[k], atol=1e-6, rtol=1e-5)
+
+
+def test_nsr_pushes_negatives_down_and_psr_pulls_positives_up(micro_model):
+    batch = make_batch(seed=6)
+    for name, rows, sign in (("nsr", ~batch.correct, -1), ("psr", batch.correct, 1)):
+        t = trainer_for(micro_model, f"algorithm.name={name}", "trainer.mini_batches=1", "trainer.lr=1e-3")
+        before = t.score(batch).logp
+        t.train_step(batch, 1)
+        after = t.score(batch).logp
+        mask = batch.response_mask()
+        change = ((after - before) * mask)[rows].sum() / mask[rows].sum()
+        assert sign * float(change) > 0
