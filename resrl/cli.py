@@ -38,6 +38,10 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sweep", help="run a grid of training runs as one Prefect sweep flow")
     s.add_argument("--config", required=True, help="sweep YAML (see conf/sweep/)")
     s.add_argument("overrides", nargs="*", help="key=value overrides applied to every grid point")
+    e = sub.add_parser("export-verl", help="write the prepared train/test data as verl RLVR parquet files")
+    e.add_argument("out_dir")
+    e.add_argument("--config", help="YAML file merged onto conf/default.yaml")
+    e.add_argument("overrides", nargs="*")
     c = sub.add_parser("compare", help="rebuild a sweep's comparison report from MLflow")
     c.add_argument("sweep_id")
     c.add_argument("--config", help="a config naming the tracking store (run.tracking_uri / run.output_dir)")
@@ -74,6 +78,22 @@ def _train(args) -> int:
     return 0
 
 
+def _export_verl(args) -> int:
+    from pathlib import Path
+
+    from resrl.config import load_config
+    from resrl.data import export_verl, load_summary
+    from resrl.prepare import prepare_base_and_data
+
+    cfg = load_config(args.config, args.overrides)
+    got = prepare_base_and_data(cfg)
+    for line in load_summary(got["dataset_dir"]).lines():
+        print(f"data: {line}")
+    for split, path in export_verl(got["dataset_dir"], Path(args.out_dir)).items():
+        print(f"wrote {split}: {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     set_environment_defaults()
     args = _parser().parse_args(argv)
@@ -83,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return _train(args)
+        if args.command == "export-verl":
+            return _export_verl(args)
         if args.command == "sweep":
             from flows.sweep import run_sweep_cli
 

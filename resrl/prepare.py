@@ -22,15 +22,13 @@ def _model_identity(path: Path) -> list:
                                           for f in path.iterdir() if f.is_file())
 
 
-def prepare(cfg, progress: bool = True) -> dict:
-    """Build or reuse dataset and starting policy; returns plain paths and a summary."""
+def prepare_base_and_data(cfg) -> dict:
+    """The base model folder and the tokenized dataset (cached); no training."""
     from transformers import AutoTokenizer
 
     from resrl.embedded import save_embedded_base
-    from resrl.warmstart import warm_start
 
     cache = Path(cfg.run.cache_dir)
-    t0 = time.time()
     if cfg.model.path is None:
         base_key = key_of("tiny", dict(cfg.model.tiny), cfg.seed)
         base, _ = cached_dir(cache / "models" / f"tiny-{base_key}",
@@ -39,29 +37,36 @@ def prepare(cfg, progress: bool = True) -> dict:
         base = Path(cfg.model.path)
         base_key = key_of(_model_identity(base))
     tokenizer = AutoTokenizer.from_pretrained(str(base))
+    data_key = key_of(dict(cfg.data), base_key, cfg.seed)
+    dataset_dir, reused = cached_dir(cache / "data" / data_key, lambda d: prepare_dataset(cfg, tokenizer, d))
+    return {"base_dir": base, "base_key": base_key, "dataset_dir": dataset_dir, "data_key": data_key,
+            "data_reused": reused}
 
-    data_cfg = {k: v for k, v in dict(cfg.data).items()}
-    data_key = key_of(data_cfg, base_key, cfg.seed)
-    dataset_dir, data_reused = cached_dir(cache / "data" / data_key,
-                                          lambda d: prepare_dataset(cfg, tokenizer, d))
+
+def prepare(cfg, progress: bool = True) -> dict:
+    """Build or reuse dataset and starting policy; returns plain paths and a summary."""
+    from resrl.warmstart import warm_start
+
+    t0 = time.time()
+    got = prepare_base_and_data(cfg)
+    base, dataset_dir = got["base_dir"], got["dataset_dir"]
     summary = load_summary(dataset_dir)
-
     metrics = dict(summary.as_metrics())
     policy = base
     warm_reused = None
     if cfg.warmstart.enabled:
-        ws_key = key_of(dict(cfg.warmstart), data_key, base_key, cfg.seed)
+        ws_key = key_of(dict(cfg.warmstart), got["data_key"], got["base_key"], cfg.seed)
 
         def build(d):
             train = load_prepared(dataset_dir)["train"]
             metrics.update(warm_start(str(base), d, train, cfg, progress=progress))
 
-        policy, warm_reused = cached_dir(cache / "warmstart" / ws_key, build)
+        policy, warm_reused = cached_dir(Path(cfg.run.cache_dir) / "warmstart" / ws_key, build)
     return {
         "dataset_dir": str(dataset_dir),
         "base_dir": str(base),
         "policy_dir": str(policy),
-        "data_reused": data_reused,
+        "data_reused": got["data_reused"],
         "warmstart_reused": warm_reused,
         "summary_lines": summary.lines(),
         "metrics": metrics,

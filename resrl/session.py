@@ -16,7 +16,7 @@ import torch
 from resrl.batch import RolloutBatch
 from resrl.data import load_prepared
 from resrl.metrics import avg_at_k, diversity, pass_at_k_table
-from resrl.rewards import load_reward_function
+from resrl.rewards import load_reward_function, math_equiv
 from resrl.rollout import RolloutEngine
 from resrl.trainer import PolicyTrainer, resolve_device, resolve_dtype
 
@@ -55,6 +55,7 @@ class TrainingSession:
         data = load_prepared(Path(prepared["dataset_dir"]))
         self.train_set, self.test_set = data["train"], data["test"]
         self.reward_fn = load_reward_function(cfg.reward.function)
+        math_equiv.set_timeout(cfg.reward.timeout_s)
         longest_prompt = max(max(len(p) for p in s["prompt_token_ids"]) for s in (self.train_set, self.test_set))
         max_new = max(cfg.rollout.max_tokens, cfg.eval.max_tokens)
         device = resolve_device(cfg.trainer.device)
@@ -78,6 +79,8 @@ class TrainingSession:
         return out
 
     def _score(self, rows, outputs) -> tuple[list[float], int]:
+        """Verifier scores for every sample; rewards that raise or time out score 0 and are counted."""
+        timeouts_before = math_equiv.COUNTERS["timeouts"] + math_equiv.COUNTERS["errors"]
         scores, errors = [], 0
         for row, samples in zip(rows, outputs):
             extra = row.get("extra_info")
@@ -88,6 +91,7 @@ class TrainingSession:
                     log.debug("reward failed: %s", exc)
                     scores.append(0.0)
                     errors += 1
+        errors += math_equiv.COUNTERS["timeouts"] + math_equiv.COUNTERS["errors"] - timeouts_before
         return scores, errors
 
     # ------------------------------------------------------------------ steps

@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import socket
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -372,6 +373,8 @@ class PolicyTrainer:
             opt.load_state_dict({"state": state, "param_groups": groups})
         else:
             self.engine.load_checkpoint(str(ckpt_dir / "deepspeed"), tag="latest", load_module_strict=True)
-        for _ in range(step * self.opt_steps_per_rl_step):
-            self.scheduler.step()
+        with warnings.catch_warnings():  # stepping the schedule forward without optimizer steps is the point
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(step * self.opt_steps_per_rl_step):
+                self.scheduler.step()
         return step

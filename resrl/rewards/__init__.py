@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import Callable, Optional
 
+from resrl.rewards.math_equiv import last_boxed, math_score
 from resrl.rewards.numeric import numeric_score
 
 RewardFn = Callable[[str, str, Optional[dict]], float]
@@ -57,3 +58,13 @@ def _synthetic(solution_str, ground_truth, extra_info=None):
 @register_reward("gsm8k", "openai/gsm8k")
 def _gsm8k(solution_str, ground_truth, extra_info=None):
     return numeric_score(solution_str, ground_truth)
+
+
+MATH_SOURCES = ("math", "lighteval/MATH", "DigitalLearningGmbH/MATH-lighteval", "HuggingFaceH4/MATH-500",
+                "math_dapo", "math_dapo_reasoning", "aime", "amc")
+
+
+@register_reward(*MATH_SOURCES)
+def _math(solution_str, ground_truth, extra_info=None):
+    gold = last_boxed(ground_truth) or ground_truth
+    return math_score(solution_str, gold)
