@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from resrl.config import ConfigError, config_hash, from_dict, run_dir, run_name, validate
+from resrl.config import ConfigError, config_hash, from_dict, load_config, run_dir, run_name, to_dict, validate
 from resrl.run_state import RunState, checkpoint_dir
 from tasks import tracking
 from tasks.steps import evaluate_policy, generate_rollouts, prepare_data, update_policy
@@ -54,21 +54,29 @@ def _log_eval(cfg, run_id: str, result: dict, step: int) -> None:
 
 
 @flow(name="resrl-train")
-def train_flow(config: dict) -> dict:
-    """Train one policy with the algorithm in `config["algorithm"]["name"]` and evaluate it."""
+def train_flow(config: dict | None = None, config_file: str | None = None, overrides: list[str] | None = None) -> dict:
+    """Train one policy and evaluate it.
+
+    Give either `config` (a resolved config dict, as the CLI does) or `config_file`
+    and/or `overrides` (key=value strings), which are loaded and checked here - the
+    form deployments use.
+    """
     t_flow = time.time()
     logger = get_run_logger()
+    if config is None:
+        config = to_dict(load_config(config_file, overrides or []))
     cfg = from_dict(config)
     validate(cfg)
     rdir = run_dir(cfg)
     state = _open_state(cfg, rdir)
+    (rdir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     uri = tracking.tracking_uri(cfg)
     if state.finished:
         logger.info("Run %s already finished; nothing to do (MLflow run %s).", rdir, state.mlflow_run_id)
         return {"run_dir": str(rdir), "mlflow_run_id": state.mlflow_run_id, "tracking_uri": uri,
                 "already_finished": True}
 
-    timings = {"prepare": 0.0, "rollout": 0.0, "update": 0.0, "eval": 0.0}
+    timings = {"prepare": 0.0, "engine_start": 0.0, "rollout": 0.0, "update": 0.0, "eval": 0.0}
     prepared = prepare_data(config)
     timings["prepare"] = prepared["seconds"]
     for line in prepared["summary_lines"]:
@@ -79,9 +87,11 @@ def train_flow(config: dict) -> dict:
     fr_id = str(flow_run.id) if flow_run.id else "none"
     client = tracking.client_for(cfg)
     if state.mlflow_run_id is None:
-        state.mlflow_run_id = tracking.start_run(cfg, run_name(cfg), tags={
-            "prefect.flow_run_id": fr_id, "resrl.config_hash": state.config_hash,
-            "resrl.run_dir": str(rdir.resolve()), "resrl.algorithm": cfg.algorithm.name})
+        tags = {"prefect.flow_run_id": fr_id, "resrl.config_hash": state.config_hash,
+                "resrl.run_dir": str(rdir.resolve()), "resrl.algorithm": cfg.algorithm.name}
+        if cfg.run.sweep_id:
+            tags["resrl.sweep_id"] = cfg.run.sweep_id
+        state.mlflow_run_id = tracking.start_run(cfg, run_name(cfg), tags=tags, parent_run_id=cfg.run.parent_run_id)
         tracking.log_config_params(cfg, state.mlflow_run_id)
         client.log_text(state.mlflow_run_id, OmegaConf.to_yaml(cfg), "config.yaml")
         tracking.log_metrics(cfg, state.mlflow_run_id, prepared["metrics"], 0)
@@ -96,6 +106,7 @@ def train_flow(config: dict) -> dict:
         result = evaluate_policy(config, prepared, step)
         _log_eval(cfg, run_id, result, step)
         timings["eval"] += result["metrics"]["time/eval_s"]
+        timings["engine_start"] += result["metrics"].get("time/engine_start_s", 0.0)
         state.evaluated = sorted(set(state.evaluated) | {step})
         state.save(rdir)
         m = result["metrics"]
@@ -114,6 +125,7 @@ def train_flow(config: dict) -> dict:
             upd = update_policy(config, prepared, roll["path"], step)
             metrics = {**roll["metrics"], **upd["metrics"]}
             timings["rollout"] += metrics["time/rollout_s"]
+            timings["engine_start"] += metrics.get("time/engine_start_s", 0.0)
             timings["update"] += metrics["time/update_s"] + metrics["time/weight_sync_s"]
             tracking.log_metrics(cfg, run_id, metrics, step)
             logger.info("step %d/%d | reward %.3f | pass %.3f | len %.1f | loss %.4f | gnorm %.3f | "

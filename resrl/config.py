@@ -30,6 +30,8 @@ _NOT_HASHED = (
     "run.checkpoint_every",
     "run.keep_checkpoints",
     "run.progress",
+    "run.sweep_id",
+    "run.parent_run_id",
 )
 
 

@@ -15,7 +15,7 @@ import torch
 
 from resrl.batch import RolloutBatch
 from resrl.data import load_prepared
-from resrl.metrics import avg_at_k, diversity, pass_at_k_table
+from resrl.evaluation import evaluate, score_samples
 from resrl.rewards import load_reward_function, math_equiv
 from resrl.rollout import RolloutEngine
 from resrl.trainer import PolicyTrainer, resolve_device, resolve_dtype
@@ -78,22 +78,6 @@ class TrainingSession:
             out.append(order[pos])
         return out
 
-    def _score(self, rows, outputs) -> tuple[list[float], int]:
-        """Verifier scores for every sample; rewards that raise or time out score 0 and are counted."""
-        timeouts_before = math_equiv.COUNTERS["timeouts"] + math_equiv.COUNTERS["errors"]
-        scores, errors = [], 0
-        for row, samples in zip(rows, outputs):
-            extra = row.get("extra_info")
-            for _, text in samples:
-                try:
-                    scores.append(float(self.reward_fn(row["data_source"], text, row["answer"], extra)))
-                except Exception as exc:  # a reward that raises scores 0 and is counted, never stops a run
-                    log.debug("reward failed: %s", exc)
-                    scores.append(0.0)
-                    errors += 1
-        errors += math_equiv.COUNTERS["timeouts"] + math_equiv.COUNTERS["errors"] - timeouts_before
-        return scores, errors
-
     # ------------------------------------------------------------------ steps
     def rollout(self, step: int) -> tuple[RolloutBatch, dict[str, float]]:
         cfg, r = self.cfg, self.cfg.rollout
@@ -103,7 +87,7 @@ class TrainingSession:
         outputs = self.engine.generate([row["prompt_token_ids"] for row in rows], n=r.n, temperature=r.temperature,
                                        top_p=r.top_p, top_k=r.top_k, max_tokens=r.max_tokens,
                                        seed=cfg.seed * 1_000_003 + step * 10_007)
-        scores, errors = self._score(rows, outputs)
+        scores, errors = score_samples(self.reward_fn, rows, outputs)
         prompt_ids, response_ids, texts, group_ids = [], [], [], []
         for g, (row, samples) in enumerate(zip(rows, outputs)):
             for ids, text in samples:
@@ -144,29 +128,7 @@ class TrainingSession:
 
     def evaluate(self, step: int) -> tuple[dict[str, float], list[dict]]:
         """Avg@k, Pass@1,2,4..k and diversity on the held-out prompts; plus sample rows."""
-        e = self.cfg.eval
-        t0 = time.time()
-        n_prompts = len(self.test_set) if e.num_prompts is None else min(e.num_prompts, len(self.test_set))
-        rows = [self.test_set[i] for i in range(n_prompts)]
-        outputs = self.engine.generate([row["prompt_token_ids"] for row in rows], n=e.k, temperature=e.temperature,
-                                       top_p=e.top_p, top_k=-1, max_tokens=e.max_tokens,
-                                       seed=self.cfg.seed * 1_000_003 + 999_983)  # same seed every eval
-        scores, errors = self._score(rows, outputs)
-        correct = [[s >= 0.5 for s in scores[i * e.k:(i + 1) * e.k]] for i in range(n_prompts)]
-        texts = [[text for _, text in samples] for samples in outputs]
-        metrics = {f"eval/avg_at_{e.k}": avg_at_k(correct)}
-        metrics.update({f"eval/pass_at_{j}": v for j, v in pass_at_k_table(correct, e.k).items()})
-        metrics.update({f"eval/{k}": v for k, v in diversity(texts).items()})
-        metrics["eval/response_length"] = sum(len(ids) for s in outputs for ids, _ in s) / (n_prompts * e.k)
-        metrics["eval/reward_errors"] = float(errors)
-        metrics["time/eval_s"] = time.time() - t0
-        samples = []
-        for row, outs, corr in zip(rows, texts, correct):
-            for text, ok in zip(outs, corr):
-                if len(samples) < e.num_logged_samples:
-                    samples.append({"step": step, "prompt_id": row["prompt_id"], "prompt": row["prompt"],
-                                    "answer": row["answer"], "response": text, "correct": bool(ok)})
-        return metrics, samples
+        return evaluate(self.engine, self.test_set, self.cfg.eval, self.reward_fn, self.cfg.seed, step)
 
     def save_checkpoint(self, ckpt_dir: Path, step: int) -> None:
         self.trainer.save_checkpoint(ckpt_dir, step)

@@ -50,7 +50,7 @@ def warm_start(base_dir, out_dir, train_rows, cfg, progress: bool = True) -> dic
         opt.step()
         opt.zero_grad(set_to_none=True)
         sched.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)

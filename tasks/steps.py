@@ -16,19 +16,28 @@ from resrl.config import from_dict, run_dir
 from resrl.run_state import (RunState, checkpoint_dir, eval_dir, prune_checkpoints, rollout_path)
 
 
-def _session(config: dict, prepared: dict):
+def _session(config: dict, prepared: dict) -> tuple[object, dict[str, float]]:
+    """The run's live session, started on first use (from the last checkpoint when resuming).
+
+    Returns it with {"time/engine_start_s": seconds} when this call started the engines.
+    """
+    import time
+
     from resrl.session import get_session, open_session
 
     cfg = from_dict(config)
     rdir = run_dir(cfg)
     session = get_session(str(rdir))
     if session is not None:
-        return session
+        return session, {}
+    t0 = time.time()
     state = RunState.load(rdir)
     if state is not None and state.step > 0:
         ckpt = checkpoint_dir(rdir, state.step)
-        return open_session(str(rdir), cfg, prepared, str(ckpt / "policy"), str(ckpt))
-    return open_session(str(rdir), cfg, prepared, prepared["policy_dir"], None)
+        session = open_session(str(rdir), cfg, prepared, str(ckpt / "policy"), str(ckpt))
+    else:
+        session = open_session(str(rdir), cfg, prepared, prepared["policy_dir"], None)
+    return session, {"time/engine_start_s": time.time() - t0}
 
 
 @task(name="prepare-data", cache_policy=NO_CACHE)
@@ -43,10 +52,10 @@ def prepare_data(config: dict) -> dict:
 @task(name="rollout", cache_policy=NO_CACHE)
 def generate_rollouts(config: dict, prepared: dict, step: int) -> dict:
     """n samples per prompt from the current policy, scored; saved as safetensors."""
-    session = _session(config, prepared)
+    session, started = _session(config, prepared)
     batch, metrics = session.rollout(step)
     path = batch.save(rollout_path(run_dir(from_dict(config)), step))
-    return {"path": str(path), "metrics": metrics}
+    return {"path": str(path), "metrics": {**metrics, **started}}
 
 
 @task(name="update", cache_policy=NO_CACHE)
@@ -55,7 +64,7 @@ def update_policy(config: dict, prepared: dict, rollouts: str, step: int) -> dic
     from resrl.batch import RolloutBatch
 
     cfg = from_dict(config)
-    session = _session(config, prepared)
+    session, _ = _session(config, prepared)
     metrics = session.update(step, RolloutBatch.load(Path(rollouts)))
     saved = None
     if step % cfg.run.checkpoint_every == 0 or step == cfg.trainer.steps:
@@ -75,8 +84,9 @@ def evaluate_policy(config: dict, prepared: dict, step: int) -> dict:
     from resrl.plots import plot_pass_at_k
 
     cfg = from_dict(config)
-    session = _session(config, prepared)
+    session, started = _session(config, prepared)
     metrics, samples = session.evaluate(step)
+    metrics.update(started)
     out = eval_dir(run_dir(cfg), step)
     out.mkdir(parents=True, exist_ok=True)
     (out / "samples.json").write_text(json.dumps(samples, indent=1))

@@ -1,0 +1,63 @@
+"""Scheduled evaluation: the newest checkpoint of a named run, evaluated with a fresh
+vLLM engine and logged into that same MLflow run (as `eval_scheduled/...` at the
+checkpoint's step), so a long or finished run can be re-checked on a cron schedule.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from prefect import flow, get_run_logger
+
+from resrl.config import ConfigError, load_config
+from tasks import tracking
+
+
+def find_run(cfg, name: str):
+    client = tracking.client_for(cfg)
+    exp = client.get_experiment_by_name(cfg.run.experiment)
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.runName` = '{name}'",
+                              order_by=["attributes.start_time DESC"]) if exp else []
+    if not runs:
+        raise ConfigError(f"no MLflow run named '{name}' in {tracking.tracking_uri(cfg)} "
+                          f"(experiment '{cfg.run.experiment}')")
+    return runs[0]
+
+
+@flow(name="resrl-evaluate")
+def evaluate_run_flow(run_name: str, config_file: str | None = None, overrides: list[str] | None = None) -> dict:
+    """Evaluate the newest policy of the run `run_name` (config_file/overrides locate the MLflow store)."""
+    from resrl.evaluation import evaluate
+    from resrl.prepare import prepare_base_and_data
+    from resrl.data import load_prepared
+    from resrl.rewards import load_reward_function
+    from resrl.rollout import RolloutEngine
+    from resrl.trainer import resolve_device, resolve_dtype
+
+    logger = get_run_logger()
+    store_cfg = load_config(config_file, overrides or [])
+    run = find_run(store_cfg, run_name)
+    rdir = Path(run.data.tags["resrl.run_dir"])
+    cfg = OmegaConf.load(rdir / "config.yaml")
+    ckpts = sorted((rdir / "checkpoints").glob("step_*"))
+    if not ckpts:
+        raise ConfigError(f"run '{run_name}' ({rdir}) has no checkpoint yet")
+    step = int(ckpts[-1].name.split("_")[1])
+    test = load_prepared(prepare_base_and_data(cfg)["dataset_dir"])["test"]
+    device = resolve_device(cfg.trainer.device)
+    dtype = str(resolve_dtype(cfg.model.dtype, device)).replace("torch.", "")
+    longest = max(len(p) for p in test["prompt_token_ids"])
+    engine = RolloutEngine(str(ckpts[-1] / "policy"), cfg.rollout, dtype=dtype,
+                           max_model_len=longest + cfg.eval.max_tokens, seed=cfg.seed)
+    try:
+        metrics, samples = evaluate(engine, test, cfg.eval, load_reward_function(cfg.reward.function), cfg.seed, step)
+    finally:
+        engine.close()
+    scheduled = {k.replace("eval/", "eval_scheduled/", 1): v for k, v in metrics.items() if k.startswith("eval/")}
+    client = tracking.client_for(store_cfg)
+    tracking.log_metrics(store_cfg, run.info.run_id, scheduled, step)
+    client.log_text(run.info.run_id, json.dumps(samples, indent=1), f"eval_scheduled/step_{step:05d}/samples.json")
+    logger.info("run %s, step %d: %s", run_name, step,
+                ", ".join(f"{k} {v:.3f}" for k, v in scheduled.items() if "pass_at" in k or "avg_at" in k))
+    return {"run_id": run.info.run_id, "step": step, "metrics": scheduled}

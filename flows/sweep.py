@@ -1,0 +1,189 @@
+"""Parameter sweeps: every grid point is a child flow run of the training flow, in its
+own process (its own vLLM and DeepSpeed engines), at most `concurrency` at a time,
+logging to a child MLflow run under one parent run tagged with the sweep id. When the
+points are done, the comparison report goes to the parent run and to the Prefect
+flow run. `resrl compare SWEEP_ID` rebuilds the report from MLflow alone.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import yaml
+from prefect import flow, get_run_logger
+
+from resrl.config import ConfigError, load_config, run_dir, run_name, to_dict
+from resrl.report import write_report
+from resrl.run_state import RunState
+from resrl.sweep import load_sweep
+from tasks import tracking
+
+POINTS_FILE = "points.json"
+
+
+def _parent_run(cfg, sweep) -> str:
+    """The sweep's parent MLflow run: found by its sweep id, else created."""
+    client = tracking.client_for(cfg)
+    exp_id = tracking.ensure_experiment(cfg)
+    found = client.search_runs([exp_id], filter_string=f"tags.`resrl.sweep_id` = '{sweep.sweep_id}' "
+                                                        "and tags.`resrl.role` = 'sweep'")
+    if found:
+        return found[0].info.run_id
+    run_id = tracking.start_run(cfg, sweep.sweep_id, tags={"resrl.sweep_id": sweep.sweep_id, "resrl.role": "sweep"})
+    client.log_text(run_id, yaml.safe_dump(sweep.spec, sort_keys=False), "sweep.yaml")
+    return run_id
+
+
+def _point_config(point, sweep_id: str, parent_id: str) -> dict:
+    config = to_dict(point.cfg)
+    config["run"]["sweep_id"] = sweep_id
+    config["run"]["parent_run_id"] = parent_id
+    return config
+
+
+@flow(name="resrl-sweep")
+def sweep_flow(sweep_file: str, overrides: list[str] | None = None) -> dict:
+    """Train every point of the sweep in `sweep_file` (skipping finished ones) and report."""
+    from prefect.artifacts import create_markdown_artifact
+    from prefect.flow_engine import run_flow_in_subprocess
+
+    from flows.train import train_flow
+
+    logger = get_run_logger()
+    sweep = load_sweep(sweep_file, overrides or [])
+    cfg0 = sweep.points[0].cfg
+    stores = {tracking.tracking_uri(p.cfg) for p in sweep.points}
+    if len(stores) > 1:
+        raise ConfigError(f"all points of a sweep must log to one MLflow store, got {sorted(stores)}")
+    # Create the store (and its schema) once, before parallel runs touch it.
+    parent_id = _parent_run(cfg0, sweep)
+    logger.info("sweep %s: %d points, concurrency %d, MLflow parent run %s", sweep.sweep_id, len(sweep.points),
+                sweep.concurrency, parent_id)
+
+    status: dict[str, str] = {}
+    pending = []
+    for p in sweep.points:
+        state = RunState.load(run_dir(p.cfg))
+        if state is not None and state.finished:
+            status[p.key] = "finished"
+            logger.info("point %s (%s): finished earlier, skipped", p.label(()), run_name(p.cfg))
+        else:
+            pending.append(p)
+    # children report to this flow's API (the temporary server too, when there is no PREFECT_API_URL)
+    from prefect.client.orchestration import get_client
+
+    child_env = {"PREFECT_API_URL": str(get_client(sync_client=True).api_url).rstrip("/")}
+    running: dict[str, tuple] = {}
+    while pending or running:
+        while pending and len(running) < sweep.concurrency:
+            p = pending.pop(0)
+            logger.info("point %s (%s): starting", p.label(()), run_name(p.cfg))
+            proc = run_flow_in_subprocess(train_flow, env=child_env,
+                                          parameters={"config": _point_config(p, sweep.sweep_id, parent_id)})
+            running[p.key] = (p, proc)
+        time.sleep(0.5)
+        for key, (p, proc) in list(running.items()):
+            if proc.is_alive():
+                continue
+            proc.join()
+            state = RunState.load(run_dir(p.cfg))
+            status[key] = "finished" if state is not None and state.finished else f"failed (exit code {proc.exitcode})"
+            logger.info("point %s: %s", p.label(()), status[key])
+            del running[key]
+
+    from omegaconf import OmegaConf
+
+    swept = list(dict.fromkeys(k for p in sweep.points for k in p.overrides))
+    points = []
+    for p in sweep.points:
+        state = RunState.load(run_dir(p.cfg))
+        points.append({"key": p.key, "overrides": p.overrides, "run_name": run_name(p.cfg),
+                       "values": {k: OmegaConf.select(p.cfg, k) for k in swept},
+                       "run_dir": str(run_dir(p.cfg)), "mlflow_run_id": state.mlflow_run_id if state else None,
+                       "status": status[p.key]})
+    client = tracking.client_for(cfg0)
+    client.log_text(parent_id, json.dumps(points, indent=1), POINTS_FILE)
+    report = build_report(cfg0, sweep.sweep_id, parent_id)
+    create_markdown_artifact(report["markdown"], key="sweep-report", description=f"Sweep {sweep.sweep_id}")
+    finished = sum(s == "finished" for s in status.values())
+    client.set_terminated(parent_id, status="FINISHED" if finished == len(points) else "FAILED")
+    return {"sweep_id": sweep.sweep_id, "parent_run_id": parent_id, "points": points,
+            "report_dir": report["dir"], "tracking_uri": tracking.tracking_uri(cfg0)}
+
+
+def sweep_runs(cfg, sweep_id: str) -> tuple[str, pd.DataFrame, dict]:
+    """Parent run id, one row per point (params of the swept keys + final eval metrics), and the spec."""
+    client = tracking.client_for(cfg)
+    exp = client.get_experiment_by_name(cfg.run.experiment)
+    parents = client.search_runs([exp.experiment_id], filter_string=f"tags.`resrl.sweep_id` = '{sweep_id}' "
+                                                                     "and tags.`resrl.role` = 'sweep'") if exp else []
+    if not parents:
+        raise ConfigError(f"no sweep '{sweep_id}' in the MLflow store {tracking.tracking_uri(cfg)} "
+                          f"(experiment '{cfg.run.experiment}')")
+    parent = parents[0].info.run_id
+    with tempfile.TemporaryDirectory() as tmp:
+        points = json.loads(Path(client.download_artifacts(parent, POINTS_FILE, tmp)).read_text())
+        spec = yaml.safe_load(Path(client.download_artifacts(parent, "sweep.yaml", tmp)).read_text())
+    rows = []
+    for p in points:
+        row = {"run_name": p["run_name"], "status": p["status"], "mlflow_run_id": p["mlflow_run_id"]}
+        row.update(p["values"])  # every swept key, from the point's resolved config
+        if p["mlflow_run_id"]:
+            run = client.get_run(p["mlflow_run_id"])
+            row["status"] = "finished" if run.info.status == "FINISHED" else p["status"]
+            row.update({k: v for k, v in run.data.metrics.items() if k.startswith("eval/")})
+        rows.append(row)
+    return parent, pd.DataFrame(rows), spec
+
+
+def build_report(cfg, sweep_id: str, parent_id: str | None = None) -> dict:
+    """Write the comparison report from MLflow data and log it to the sweep's parent run."""
+    parent, runs, spec = sweep_runs(cfg, sweep_id)
+    swept = list((spec.get("grid") or {}).keys())
+    for p in spec.get("points") or []:
+        swept += [k for k in p if k not in swept]
+    group_keys = [k for k in swept if k != "seed" and k in runs.columns]
+    report_cfg = spec.get("report") or {}
+    out = Path(cfg.run.output_dir) / "sweeps" / sweep_id
+    files = write_report(runs, out, sweep_id=sweep_id, group_keys=group_keys,
+                         headline=report_cfg.get("headline", "eval/pass_at_1"),
+                         heatmap=list(report_cfg.get("heatmap") or []))
+    client = tracking.client_for(cfg)
+    for path in files.values():
+        client.log_artifact(parent, str(path), artifact_path="report")
+    return {"dir": str(out), "markdown": files["markdown"].read_text(), "files": files}
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def run_sweep_cli(args) -> int:
+    from tasks.tracking import run_url_hint
+
+    sweep = load_sweep(args.config, args.overrides)  # checks every point before anything starts
+    print(f"resrl: sweep {sweep.sweep_id}: {len(sweep.points)} points, concurrency {sweep.concurrency}", flush=True)
+    result = sweep_flow(sweep_file=args.config, overrides=args.overrides)
+    print()
+    for p in result["points"]:
+        print(f"  {p['status']:<28} {p['run_name']:<22} {p['overrides']}")
+    print(f"report:        {result['report_dir']}/report.md")
+    print(f"MLflow parent: {result['parent_run_id']}  (store: {result['tracking_uri']})")
+    print(f"see it with:   {run_url_hint(sweep.points[0].cfg)}")
+    print(f"rebuild with:  resrl compare {result['sweep_id']}" + (f" --config {args.config}" if args.config else ""))
+    return 0 if all(p["status"] == "finished" for p in result["points"]) else 1
+
+
+def compare_cli(args) -> int:
+    from resrl.sweep import load_sweep as _load
+
+    spec = yaml.safe_load(Path(args.config).read_text()) if args.config and Path(args.config).is_file() else {}
+    if {"grid", "points"} & set(spec or {}):
+        cfg = _load(args.config, args.overrides).points[0].cfg  # a sweep file: use its store
+    else:
+        cfg = load_config(args.config, args.overrides)
+    report = build_report(cfg, args.sweep_id)
+    print(report["markdown"])
+    print(f"written to {report['dir']}")
+    return 0

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# A Prefect server for a team: UI and API on http://127.0.0.1:4200 by default.
+#   PREFECT_SERVER_HOST=0.0.0.0   expose it (then set PREFECT_SERVER_API_AUTH_STRING="user:pass"
+#                                 here and PREFECT_API_AUTH_STRING on every client/worker)
+#   PREFECT_SERVER_PORT=4200
+# Clients use it with: export PREFECT_API_URL=http://HOST:PORT/api
+set -euo pipefail
+source "$(dirname "$0")/common.sh"
+exec prefect server start --host "${PREFECT_SERVER_HOST:-127.0.0.1}" --port "${PREFECT_SERVER_PORT:-4200}"

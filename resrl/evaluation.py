@@ -1,0 +1,57 @@
+"""Evaluation on held-out prompts: k samples each, Avg@k, Pass@1,2,4..k, diversity.
+
+Used by the training run (its live engine, every `eval.every` steps) and by the
+scheduled evaluation flow (a fresh engine on a run's newest checkpoint).
+"""
+from __future__ import annotations
+
+import time
+
+from resrl.metrics import avg_at_k, diversity, pass_at_k_table
+
+EVAL_SEED_OFFSET = 999_983  # one fixed sampling seed for every evaluation of a run: comparable steps
+
+
+def score_samples(reward_fn, rows, outputs) -> tuple[list[float], int]:
+    """Verifier scores for every sample; a reward that raises scores 0 and is counted."""
+    from resrl.rewards import math_equiv
+
+    failed_before = math_equiv.COUNTERS["timeouts"] + math_equiv.COUNTERS["errors"]
+    scores, errors = [], 0
+    for row, samples in zip(rows, outputs):
+        extra = row.get("extra_info")
+        for _, text in samples:
+            try:
+                scores.append(float(reward_fn(row["data_source"], text, row["answer"], extra)))
+            except Exception:  # noqa: BLE001 - a broken reward never stops a run
+                scores.append(0.0)
+                errors += 1
+    errors += math_equiv.COUNTERS["timeouts"] + math_equiv.COUNTERS["errors"] - failed_before
+    return scores, errors
+
+
+def evaluate(engine, test_set, eval_cfg, reward_fn, seed: int, step: int) -> tuple[dict[str, float], list[dict]]:
+    """Metrics (keys `eval/...`) and up to `num_logged_samples` sample rows."""
+    e = eval_cfg
+    t0 = time.time()
+    n_prompts = len(test_set) if e.num_prompts is None else min(e.num_prompts, len(test_set))
+    rows = [test_set[i] for i in range(n_prompts)]
+    outputs = engine.generate([row["prompt_token_ids"] for row in rows], n=e.k, temperature=e.temperature,
+                              top_p=e.top_p, top_k=-1, max_tokens=e.max_tokens,
+                              seed=seed * 1_000_003 + EVAL_SEED_OFFSET)
+    scores, errors = score_samples(reward_fn, rows, outputs)
+    correct = [[s >= 0.5 for s in scores[i * e.k:(i + 1) * e.k]] for i in range(n_prompts)]
+    texts = [[text for _, text in samples] for samples in outputs]
+    metrics = {f"eval/avg_at_{e.k}": avg_at_k(correct)}
+    metrics.update({f"eval/pass_at_{j}": v for j, v in pass_at_k_table(correct, e.k).items()})
+    metrics.update({f"eval/{k}": v for k, v in diversity(texts).items()})
+    metrics["eval/response_length"] = sum(len(ids) for s in outputs for ids, _ in s) / (n_prompts * e.k)
+    metrics["eval/reward_errors"] = float(errors)
+    metrics["time/eval_s"] = time.time() - t0
+    samples = []
+    for row, outs, corr in zip(rows, texts, correct):
+        for text, ok in zip(outs, corr):
+            if len(samples) < e.num_logged_samples:
+                samples.append({"step": step, "prompt_id": row["prompt_id"], "prompt": row["prompt"],
+                                "answer": row["answer"], "response": text, "correct": bool(ok)})
+    return metrics, samples

@@ -1,0 +1,128 @@
+"""The comparison report of a sweep: final Avg@k / Pass@k per configuration with the
+mean and a 95 % confidence interval over seeds, Pass@k curves, and a heat map of the
+headline metric over two swept keys. Input is one row per run (params + final
+metrics), so it can be rebuilt from MLflow alone.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+
+
+def mean_ci95(values: list[float]) -> tuple[float, float, float]:
+    """Mean and the half-width of a two-sided 95 % Student-t interval (nan for one value)."""
+    from scipy.stats import t
+
+    n = len(values)
+    if n == 0:
+        return math.nan, math.nan, 0
+    mean = sum(values) / n
+    if n == 1:
+        return mean, math.nan, 1
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return mean, t.ppf(0.975, n - 1) * sd / math.sqrt(n), n
+
+
+def summarize(runs: pd.DataFrame, group_keys: list[str], metrics: list[str]) -> pd.DataFrame:
+    """One row per configuration (group_keys), over its seeds: `<metric>` mean and `<metric>_ci95`."""
+    rows = []
+    for key, frame in runs.groupby(group_keys, dropna=False, sort=True) if group_keys else [((), runs)]:
+        key = key if isinstance(key, tuple) else (key,)
+        row = dict(zip(group_keys, key))
+        finished = frame[frame["status"] == "finished"]
+        row["runs"] = len(frame)
+        row["failed"] = int((frame["status"] != "finished").sum())
+        for m in metrics:
+            values = [float(v) for v in finished.get(m, pd.Series(dtype=float)).dropna()]
+            row[m], row[f"{m}_ci95"], _ = mean_ci95(values)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _fmt(mean: float, ci: float) -> str:
+    if math.isnan(mean):
+        return "-"
+    return f"{mean:.3f}" if math.isnan(ci) else f"{mean:.3f} ± {ci:.3f}"
+
+
+def write_report(runs: pd.DataFrame, out_dir: Path, *, sweep_id: str, group_keys: list[str], headline: str,
+                 heatmap: list[str]) -> dict[str, Path]:
+    """Markdown + PNGs into out_dir; returns the written files."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metric_cols = sorted(c for c in runs.columns if c.startswith("eval/pass_at_") or c.startswith("eval/avg_at_"))
+    metric_cols.sort(key=lambda c: (not c.startswith("eval/avg"), int(c.rsplit("_", 1)[1])))
+    table = summarize(runs, group_keys, metric_cols)
+    files = {}
+
+    # Pass@k curves, one line per configuration (mean over seeds, CI as error bars)
+    pass_cols = [c for c in metric_cols if c.startswith("eval/pass_at_")]
+    if pass_cols and len(table):
+        fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+        ks = [int(c.rsplit("_", 1)[1]) for c in pass_cols]
+        for row in table.to_dict("records"):
+            label = ", ".join(f"{k.rsplit('.', 1)[-1]}={row[k]}" for k in group_keys) or "all"
+            ys = [row[c] for c in pass_cols]
+            err = [0 if math.isnan(row[f"{c}_ci95"]) else row[f"{c}_ci95"] for c in pass_cols]
+            ax.errorbar(ks, ys, yerr=err, marker="o", capsize=3, label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("k")
+        ax.set_ylabel("Pass@k")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+        ax.set_title(f"Pass@k by configuration ({sweep_id})", fontsize=9)
+        fig.tight_layout()
+        files["curves"] = out_dir / "pass_at_k.png"
+        fig.savefig(files["curves"])
+        plt.close(fig)
+
+    # heat map of the headline metric over two swept keys (mean over everything else)
+    if len(heatmap) == 2 and all(k in runs.columns for k in heatmap) and headline in runs.columns:
+        done = runs[runs["status"] == "finished"]
+        grid = done.pivot_table(index=heatmap[0], columns=heatmap[1], values=headline, aggfunc="mean")
+        fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
+        im = ax.imshow(grid.values.astype(float), cmap="viridis", aspect="auto")
+        ax.set_xticks(range(len(grid.columns)), [str(c) for c in grid.columns])
+        ax.set_yticks(range(len(grid.index)), [str(i) for i in grid.index])
+        ax.set_xlabel(heatmap[1])
+        ax.set_ylabel(heatmap[0])
+        for i in range(grid.shape[0]):
+            for j in range(grid.shape[1]):
+                v = grid.values[i, j]
+                if not math.isnan(v):
+                    ax.text(j, i, f"{v:.3f}", ha="center", va="center", color="w", fontsize=8)
+        fig.colorbar(im, ax=ax, label=headline)
+        ax.set_title(f"{headline}: {heatmap[0]} x {heatmap[1]}", fontsize=9)
+        fig.tight_layout()
+        files["heatmap"] = out_dir / "heatmap.png"
+        fig.savefig(files["heatmap"])
+        plt.close(fig)
+
+    lines = [f"# Sweep {sweep_id}", "",
+             f"{len(runs)} runs, {int((runs['status'] == 'finished').sum())} finished, "
+             f"{int((runs['status'] != 'finished').sum())} not finished. Values: mean over seeds ± half-width "
+             "of the 95 % t-interval (none with a single seed).", ""]
+    header = group_keys + ["runs", "failed"] + [c.replace("eval/", "") for c in metric_cols]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in table.to_dict("records"):
+        cells = [str(row[k]) for k in group_keys] + [str(row["runs"]), str(row["failed"])]
+        cells += [_fmt(row[c], row[f"{c}_ci95"]) for c in metric_cols]
+        lines.append("| " + " | ".join(cells) + " |")
+    failed = runs[runs["status"] != "finished"]
+    if len(failed):
+        lines += ["", "## Not finished", ""]
+        lines += [f"- {r.get('run_name', '?')}: {r['status']}" for r in failed.to_dict("records")]
+    for name, path in files.items():
+        lines += ["", f"![{name}]({path.name})"]
+    files["markdown"] = out_dir / "report.md"
+    files["markdown"].write_text("\n".join(lines) + "\n")
+    table.to_csv(out_dir / "summary.csv", index=False)
+    files["csv"] = out_dir / "summary.csv"
+    return files

@@ -1,0 +1,112 @@
+"""Sweep definitions: a base config plus a grid (and/or a list) of overrides.
+
+    name: rank-strength
+    base: conf/smoke.yaml          # merged onto conf/default.yaml
+    overrides: [trainer.steps=4]   # applied to every point
+    grid:                          # cartesian product, in the order written
+      algorithm.rank: [4, 16]
+      algorithm.min_weight: [0.1, 0.5]
+      seed: [0, 1]
+    points:                        # optional extra points, each a mapping of overrides
+      - {algorithm.name: grpo}
+    concurrency: 2                 # grid points trained at once
+    report:
+      headline: eval/pass_at_1     # metric of the heat map
+      heatmap: [algorithm.rank, algorithm.min_weight]
+
+Every point is loaded and checked like a `resrl train` config before anything runs.
+A point is identified by the hash of its resolved config, so re-running a sweep
+finds the points that already finished.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from resrl.config import ConfigError, config_hash, load_config
+
+SWEEP_KEYS = {"name", "base", "overrides", "grid", "points", "concurrency", "report"}
+REPORT_KEYS = {"headline", "heatmap"}
+
+
+@dataclass
+class SweepPoint:
+    overrides: dict            # the keys this point sets (grid/list), for labels and grouping
+    cfg: DictConfig            # resolved, checked
+    key: str                   # config hash
+
+    def label(self, skip: tuple[str, ...] = ("seed",)) -> str:
+        return ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in self.overrides.items() if k not in skip) or "base"
+
+
+@dataclass
+class Sweep:
+    name: str
+    sweep_id: str
+    points: list[SweepPoint]
+    concurrency: int
+    headline: str
+    heatmap: list[str]
+    spec: dict
+
+
+def _as_override(key: str, value) -> str:
+    return f"{key}={value if isinstance(value, str) else json.dumps(value)}"
+
+
+def expand_grid(grid: dict, points: list[dict]) -> list[dict]:
+    """Cartesian product of the grid (keys in order written), then the explicit points."""
+    out = []
+    if grid:
+        keys = list(grid)
+        for key in keys:
+            if not isinstance(grid[key], list) or not grid[key]:
+                raise ConfigError(f"sweep grid key '{key}' needs a non-empty list of values")
+        out += [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
+    out += [dict(p) for p in points]
+    return out
+
+
+def load_sweep(path: str | Path, extra_overrides: list[str] = ()) -> Sweep:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"sweep file '{path}' does not exist")
+    spec = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    unknown = set(spec) - SWEEP_KEYS
+    if unknown:
+        raise ConfigError(f"unknown sweep key(s) {sorted(unknown)} in {path}; allowed: {sorted(SWEEP_KEYS)}")
+    report = spec.get("report") or {}
+    if set(report) - REPORT_KEYS:
+        raise ConfigError(f"unknown report key(s) {sorted(set(report) - REPORT_KEYS)}; allowed: {sorted(REPORT_KEYS)}")
+    base = spec.get("base")
+    if base is not None and not Path(base).is_file() and (path.parent / base).is_file():
+        base = str(path.parent / base)
+    combos = expand_grid(spec.get("grid") or {}, spec.get("points") or [])
+    if not combos:
+        raise ConfigError(f"sweep {path} defines no points (give a grid or points)")
+    common = list(spec.get("overrides") or []) + list(extra_overrides)
+    points, seen = [], set()
+    for combo in combos:
+        try:
+            cfg = load_config(base, common + [_as_override(k, v) for k, v in combo.items()])
+        except ConfigError as exc:
+            raise ConfigError(f"sweep point {combo}: {exc}") from None
+        key = config_hash(cfg)
+        if key not in seen:  # identical configs train once
+            seen.add(key)
+            points.append(SweepPoint(combo, cfg, key))
+    name = spec.get("name") or path.stem
+    digest = hashlib.sha256(json.dumps(sorted(p.key for p in points)).encode()).hexdigest()[:8]
+    heatmap = list(report.get("heatmap") or [])
+    if heatmap and len(heatmap) != 2:
+        raise ConfigError("report.heatmap needs exactly two config keys (rows, columns)")
+    concurrency = int(spec.get("concurrency", 1))
+    if concurrency < 1:
+        raise ConfigError("sweep concurrency must be >= 1")
+    return Sweep(name=name, sweep_id=f"{name}-{digest}", points=points, concurrency=concurrency,
+                 headline=report.get("headline", "eval/pass_at_1"), heatmap=heatmap, spec=spec)

@@ -1,0 +1,202 @@
+"""Sweeps: grid expansion, the report's statistics by hand, and a real sweep on the
+shared Prefect server - a failing point, concurrent points on one SQLite store,
+idempotent re-runs, `resrl compare` from MLflow alone, and `prefect deploy`."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from conftest import ROOT, smoke_overrides
+from resrl.config import ConfigError
+from resrl.report import mean_ci95, write_report
+from resrl.sweep import expand_grid, load_sweep
+
+
+def test_grid_expansion_order_and_points():
+    got = expand_grid({"a": [1, 2], "b": ["x", "y", "z"]}, [{"a": 9}])
+    assert len(got) == 7
+    assert got[:3] == [{"a": 1, "b": "x"}, {"a": 1, "b": "y"}, {"a": 1, "b": "z"}]
+    assert got[-1] == {"a": 9}
+    with pytest.raises(ConfigError, match="non-empty list"):
+        expand_grid({"a": []}, [])
+
+
+def test_load_sweep_checks_every_point(tmp_path):
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump({"name": "t", "grid": {"algorithm.rank": [4, 0]}}))
+    with pytest.raises(ConfigError, match="algorithm.rank"):
+        load_sweep(f)
+    f.write_text(yaml.safe_dump({"name": "t", "grid": {"algorithm.rnak": [4]}}))
+    with pytest.raises(ConfigError, match="algorithm.rank"):
+        load_sweep(f)
+    f.write_text(yaml.safe_dump({"name": "t", "gird": {}}))
+    with pytest.raises(ConfigError, match="gird"):
+        load_sweep(f)
+
+
+def test_smoke_sweep_definition():
+    s = load_sweep(ROOT / "conf" / "sweep" / "smoke.yaml")
+    assert len(s.points) >= 4 and len({p.key for p in s.points}) == len(s.points)
+    assert s.heatmap == ["algorithm.rank", "algorithm.min_weight"]
+    again = load_sweep(ROOT / "conf" / "sweep" / "smoke.yaml")
+    assert again.sweep_id == s.sweep_id  # same definition, same id
+
+
+def test_ci95_by_hand():
+    mean, half, n = mean_ci95([0.2, 0.4, 0.6])
+    # sd = 0.2, t(0.975, df=2) = 4.302653 (tables), half-width = 4.302653 * 0.2 / sqrt(3)
+    assert mean == pytest.approx(0.4) and n == 3
+    assert half == pytest.approx(4.302653 * 0.2 / math.sqrt(3), rel=1e-5)
+    assert math.isnan(mean_ci95([0.5])[1])
+
+
+def test_report_table_by_hand(tmp_path):
+    runs = pd.DataFrame([
+        {"run_name": "a0", "status": "finished", "algorithm.rank": 4, "seed": 0, "eval/pass_at_1": 0.2,
+         "eval/pass_at_2": 0.3, "eval/avg_at_2": 0.2},
+        {"run_name": "a1", "status": "finished", "algorithm.rank": 4, "seed": 1, "eval/pass_at_1": 0.4,
+         "eval/pass_at_2": 0.5, "eval/avg_at_2": 0.4},
+        {"run_name": "b0", "status": "finished", "algorithm.rank": 8, "seed": 0, "eval/pass_at_1": 0.1,
+         "eval/pass_at_2": 0.2, "eval/avg_at_2": 0.1},
+        {"run_name": "b1", "status": "failed (exit code 1)", "algorithm.rank": 8, "seed": 1},
+    ])
+    files = write_report(runs, tmp_path, sweep_id="s", group_keys=["algorithm.rank"], headline="eval/pass_at_1",
+                         heatmap=[])
+    md = files["markdown"].read_text()
+    # rank 4: mean 0.3, sd 0.1414, t(0.975, 1) = 12.706205 -> 12.706205 * 0.1414 / sqrt(2) = 1.2706
+    assert "| 4 | 2 | 0 | 0.300 ± 1.271 | 0.300 ± 1.271 | 0.400 ± 1.271 |" in md
+    assert "| 8 | 2 | 1 | 0.100 | 0.100 | 0.200 |" in md
+    assert "b1: failed (exit code 1)" in md
+    assert files["curves"].is_file()
+
+
+@pytest.fixture(scope="module")
+def sweep_run(workdir, prefect_api_url, smoke_prepared, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sweep")
+    bad = tmp / "bad.jsonl"
+    bad.write_text("\n".join(json.dumps({"question": "q", "answer": "no final answer"}) for _ in range(5)))
+    spec = {
+        "name": "test-sweep",
+        "base": str(ROOT / "conf" / "smoke.yaml"),
+        "overrides": [*smoke_overrides(workdir), f"run.output_dir={tmp / 'out'}", "trainer.steps=2",
+                      "eval.every=2", "eval.num_prompts=16"],
+        "grid": {"algorithm.rank": [4, 8]},
+        "points": [{"data.source": "gsm8k", "data.path": str(bad), "data.num_test": 1}],
+        "concurrency": 2,
+        "report": {"headline": "eval/pass_at_1"},
+    }
+    sweep_file = tmp / "sweep.yaml"
+    sweep_file.write_text(yaml.safe_dump(spec))
+    env = dict(os.environ, PREFECT_API_URL=prefect_api_url)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    cmd = [sys.executable, "-m", "resrl.cli", "sweep", "--config", str(sweep_file)]
+    first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    return {"tmp": tmp, "file": sweep_file, "cmd": cmd, "env": env, "first": first,
+            "sweep": load_sweep(sweep_file)}
+
+
+def _client(sweep_run):
+    from tasks.tracking import tracking_uri
+
+    return MlflowClient(tracking_uri=tracking_uri(sweep_run["sweep"].points[0].cfg))
+
+
+def test_failed_point_does_not_stop_the_others(sweep_run):
+    out = sweep_run["first"].stdout
+    assert sweep_run["first"].returncode == 1, sweep_run["first"].stderr[-3000:]  # one point failed
+    assert out.count("  finished ") == 2 and out.count("  failed") == 1
+    out_dir = Path(sweep_run["tmp"]) / "out" / "sweeps" / sweep_run["sweep"].sweep_id
+    summary = pd.read_csv(out_dir / "summary.csv")
+    assert sorted(summary["failed"]) == [0, 0, 1] and list(summary["runs"]) == [1, 1, 1]
+    ok = summary[summary["failed"] == 0]
+    assert sorted(ok["algorithm.rank"]) == [4, 8] and ok["eval/pass_at_1"].between(0, 1).all()
+    assert "## Not finished" in (out_dir / "report.md").read_text()
+
+
+def test_children_nested_under_parent_with_all_metrics(sweep_run):
+    from test_flow import REQUIRED_STEP_METRICS
+
+    client = _client(sweep_run)
+    exp = client.get_experiment_by_name("resrl")
+    sid = sweep_run["sweep"].sweep_id
+    parent = client.search_runs([exp.experiment_id], f"tags.`resrl.sweep_id` = '{sid}' and tags.`resrl.role` = 'sweep'")
+    assert len(parent) == 1
+    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent[0].info.run_id}'")
+    finished = [r for r in children if r.info.status == "FINISHED"]
+    assert len(finished) == 2
+    for run in finished:  # both trained at the same time against one SQLite store
+        for key in REQUIRED_STEP_METRICS:
+            assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2], key
+        assert run.data.tags["resrl.sweep_id"] == sid
+        assert "eval/pass_at_4" in run.data.metrics and "eval/avg_at_4" in run.data.metrics
+    report = {a.path for a in client.list_artifacts(parent[0].info.run_id, "report")}
+    assert {"report/report.md", "report/pass_at_k.png"} <= report
+
+
+def test_child_flow_runs_belong_to_the_sweep_flow_run(sweep_run, prefect_api_url):
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    client = _client(sweep_run)
+    exp = client.get_experiment_by_name("resrl")
+    sid = sweep_run["sweep"].sweep_id
+    parent = client.search_runs([exp.experiment_id], f"tags.`resrl.sweep_id` = '{sid}' and tags.`resrl.role` = 'sweep'")
+    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent[0].info.run_id}'")
+
+    async def read(ids):
+        async with get_client() as c:
+            return [await c.read_flow_run(i) for i in ids]
+
+    flow_runs = asyncio.run(read([r.data.tags["prefect.flow_run_id"] for r in children]))
+    assert flow_runs and all(fr.parent_task_run_id is not None for fr in flow_runs)
+
+
+def test_rerun_skips_finished_points(sweep_run):
+    client = _client(sweep_run)
+    exp = client.get_experiment_by_name("resrl")
+    before = len(client.search_runs([exp.experiment_id]))
+    again = subprocess.run(sweep_run["cmd"], cwd=ROOT, env=sweep_run["env"], capture_output=True, text=True,
+                           timeout=600)
+    log = again.stdout + again.stderr
+    assert log.count("finished earlier, skipped") == 2
+    assert len(client.search_runs([exp.experiment_id])) == before  # nothing trained again, no new runs
+
+
+def test_compare_rebuilds_the_report_from_mlflow(sweep_run):
+    sid = sweep_run["sweep"].sweep_id
+    report = Path(sweep_run["tmp"]) / "out" / "sweeps" / sid / "report.md"
+    original = report.read_text()
+    report.unlink()
+    proc = subprocess.run([sys.executable, "-m", "resrl.cli", "compare", sid, "--config", str(sweep_run["file"])],
+                          cwd=ROOT, env=sweep_run["env"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert report.read_text() == original
+
+
+def test_prefect_deploy_registers_the_deployments(prefect_api_url):
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    env = dict(os.environ, PREFECT_API_URL=prefect_api_url)
+    proc = subprocess.run(["bash", "infra/deploy.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+    async def read():
+        async with get_client() as c:
+            return {f"{(await c.read_flow(d.flow_id)).name}/{d.name}": d for d in await c.read_deployments()}
+
+    deployments = asyncio.run(read())
+    assert {"resrl-train/train", "resrl-sweep/sweep", "resrl-evaluate/evaluate"} <= set(deployments)
+    ev = deployments["resrl-evaluate/evaluate"]
+    assert ev.schedules and ev.schedules[0].schedule.cron == "0 * * * *"
+    assert deployments["resrl-train/train"].work_pool_name == "resrl-pool"
