@@ -17,7 +17,7 @@ import sys
 QUIET_DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",   # vLLM engine core in this process (in-memory weight sync)
-    "VLLM_LOGGING_LEVEL": "WARNING",
+    "VLLM_LOGGING_LEVEL": "ERROR",         # its CPU warnings repeat at every weight sync
     "TOKENIZERS_PARALLELISM": "false",
     "HF_HUB_OFFLINE": "1",                  # nothing is downloaded unless the user opts in
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",

@@ -51,6 +51,9 @@ def length_scale(length: int, start: int, max_len: int, end_scale: float) -> flo
 
 class TrainingSession:
     def __init__(self, cfg, prepared: dict, policy_dir: str, checkpoint_dir: str | None):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # a bar per checkpoint save would drown the step lines
         self.cfg = cfg
         data = load_prepared(Path(prepared["dataset_dir"]))
         self.train_set, self.test_set = data["train"], data["test"]

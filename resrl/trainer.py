@@ -135,6 +135,8 @@ class PolicyTrainer:
             "fp16": {"enabled": self.dtype == torch.float16},
             "steps_per_print": 10**9,
         }
+        if self.dtype != torch.float32:  # accumulate micro-batch gradients in fp32, not in the model dtype
+            ds_config["data_types"] = {"grad_accum_dtype": "fp32"}
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup)))
@@ -286,8 +288,9 @@ class PolicyTrainer:
         return total, norm
 
     def _grad_norm_before_step(self) -> float:
-        """Gradient norm before clipping (ZeRO stages keep grads partitioned: ask the engine after)."""
-        if self.cfg.trainer.zero_stage != 0:
+        """Gradient norm before clipping. Only a plain fp32 optimizer keeps grads on the
+        parameters; for ZeRO and mixed precision the engine reports it after the step."""
+        if not isinstance(self.engine.optimizer, torch.optim.Optimizer):
             return float("nan")
         grads = [p.grad.detach().float().norm() for p in self.engine.module.parameters() if p.grad is not None]
         return float(torch.stack(grads).norm()) if grads else 0.0
