@@ -87,8 +87,9 @@ def update_ratio(label, model_dir, batch, overrides, repeats):
     from resrl.trainer import PolicyTrainer
 
     trainers = {}
-    for algo in ("grpo", "resrl"):
-        cfg = load_config(None, [f"algorithm.name={algo}", "trainer.device=cpu", *overrides])
+    for algo in ("grpo", "resrl"):  # plain GRPO: without the diagnostics that compute ResRL's weights too
+        cfg = load_config(None, [f"algorithm.name={algo}", "trainer.device=cpu", *overrides,
+                                 *(["algorithm.diagnostics=false"] if algo == "grpo" else [])])
         trainers[algo] = PolicyTrainer(str(model_dir), cfg, rollout_batch_size=len(batch))
     times = {"grpo": [], "resrl": []}
     weight_s = []
@@ -100,20 +101,17 @@ def update_ratio(label, model_dir, batch, overrides, repeats):
                 times[algo].append(time.perf_counter() - t)
     # the weighting's own share: the scoring pass with and without the token-weight function,
     # alternating so both see the same machine load
-    tr = trainers["resrl"]
-    algos = {"with": tr.algorithm, "without": trainers["grpo"].algorithm}
     spent = {"with": [], "without": []}
     for _ in range(max(2, repeats)):
-        for name, algo in algos.items():
-            tr.algorithm = algo
+        for name, tr in (("with", trainers["resrl"]), ("without", trainers["grpo"])):
             t = time.perf_counter()
             tr.score(batch)
             spent[name].append(time.perf_counter() - t)
-    tr.algorithm = algos["with"]
     t_with, t_without = statistics.median(spent["with"]), statistics.median(spent["without"])
     g, s = statistics.median(times["grpo"]), statistics.median(times["resrl"])
-    print(f"  update step, {label}: GRPO {g:.2f} s | ResRL {s:.2f} s | ratio {s / g:.3f} "
-          f"| scoring pass {t_with:.2f} s with the weighting, {t_without:.2f} s without")
+    print(f"  update step, {label}: GRPO {g:.2f} s | ResRL {s:.2f} s | ratio {s / g:.3f} (median of {repeats}) "
+          f"| scoring pass {t_with:.2f} s with the weighting, {t_without:.2f} s without "
+          f"-> weighting adds {100 * (t_with - t_without) / g:.1f} % to a GRPO step")
 
 
 def main():
@@ -147,7 +145,7 @@ def main():
             batch = make_batch(64, 8, 32, 256, 250)
             update_ratio("64 groups x 8 x 256 tokens, H=512 (2 layers)", big, batch,
                          ["rollout.prompts_per_step=64", "rollout.n=8", "trainer.micro_batch_size=32",
-                          "algorithm.rank=64", "rollout.max_tokens=256", "trainer.mini_batches=1"], repeats=1)
+                          "algorithm.rank=64", "rollout.max_tokens=256", "trainer.mini_batches=1"], repeats=2)
 
 
 if __name__ == "__main__":

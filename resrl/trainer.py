@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from resrl.algorithms import ResidualStats, get_algorithm, policy_loss, token_coefficients
+from resrl.algorithms.advantages import resrl_token_weights
 from resrl.batch import RolloutBatch, pack
 
 log = logging.getLogger(__name__)
@@ -167,7 +168,11 @@ class PolicyTrainer:
 
     @torch.no_grad()
     def score(self, batch: RolloutBatch, *, seed: int = 0) -> Scored:
-        """Old log-probs (and ResRL token weights) for the whole batch, in chunks of whole groups."""
+        """Old log-probs and the residual token weights for the whole batch, in chunks of whole groups.
+
+        The weights are computed for every algorithm when `algorithm.diagnostics` is on
+        (so GRPO runs log what ResRL would see) but only ResRL applies them.
+        """
         B, T = len(batch), batch.response_mask().shape[1]
         logp = torch.zeros(B, T)
         entropy = torch.zeros(B, T)
@@ -175,7 +180,7 @@ class PolicyTrainer:
         ref = torch.zeros(B, T) if self.ref_model is not None else None
         stats = []
         correct = batch.correct
-        token_fn = self.algorithm.token_weights
+        token_fn = self.algorithm.token_weights or (resrl_token_weights if self.cfg.algorithm.diagnostics else None)
         layer = self.cfg.algorithm.hidden_layer if token_fn else None
         self.engine.eval()
         for rows in self._group_chunks(batch.group_ids, self.cfg.trainer.micro_batch_size):
@@ -193,7 +198,8 @@ class PolicyTrainer:
                 rlp, _, _, _ = self._forward(self.ref_model, p, r_ids)
                 ref[rows, :t] = rlp.float().cpu()
         self.engine.train()
-        return Scored(logp, entropy, weights, ref, ResidualStats.merge(stats))
+        applied = weights if self.algorithm.token_weights is not None else torch.ones(B, T)
+        return Scored(logp, entropy, applied, ref, ResidualStats.merge(stats))
 
     @staticmethod
     def _group_chunks(group_ids: torch.Tensor, max_rows: int):

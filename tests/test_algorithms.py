@@ -111,3 +111,13 @@ def test_kl_estimators_by_hand():
     assert float(kl_estimate(logp, ref, "k1")) == pytest.approx(0.5)
     assert float(kl_estimate(logp, ref, "k2")) == pytest.approx(0.125)
     assert float(kl_estimate(logp, ref, "k3")) == pytest.approx(math.exp(-0.5) + 0.5 - 1)
+
+
+def test_length_scale_by_hand():
+    from resrl.session import length_scale
+
+    assert length_scale(10, 32, 48, 0.7) == 1.0
+    assert length_scale(32, 32, 48, 0.7) == 1.0
+    assert length_scale(40, 32, 48, 0.7) == pytest.approx(0.85)
+    assert length_scale(48, 32, 48, 0.7) == pytest.approx(0.7)
+    assert length_scale(60, 32, 48, 0.7) == pytest.approx(0.7)

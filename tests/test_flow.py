@@ -55,15 +55,11 @@ def test_smoke_flow_logs_a_complete_mlflow_run(smoke_run, tmp_path):
 
 
 def test_policy_artifact_loads_and_differs_from_the_start(smoke_run, smoke_prepared, tmp_path):
-    import mlflow
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cfg, state = smoke_run["cfg"], smoke_run["state"]
-    from tasks.tracking import tracking_uri
-
-    mlflow.set_tracking_uri(tracking_uri(cfg))
-    local = mlflow.artifacts.download_artifacts(run_id=state["mlflow_run_id"], artifact_path="policy",
-                                                dst_path=str(tmp_path))
+    # (not mlflow.set_tracking_uri: it exports MLFLOW_TRACKING_URI to the rest of the session)
+    local = client_for(cfg).download_artifacts(state["mlflow_run_id"], "policy", str(tmp_path))
     model = AutoModelForCausalLM.from_pretrained(local)
     tok = AutoTokenizer.from_pretrained(local)
     assert tok.decode(tok(" 3+4=7. #### 7")["input_ids"]) == " 3+4=7. #### 7"

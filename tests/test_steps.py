@@ -77,7 +77,7 @@ def _vllm_and_trainer_logprobs(session, rows):
             responses.append(list(c.token_ids))
             vllm_lp.append([d[t].logprob for d, t in zip(c.logprobs, c.token_ids)])
     lp, _, _, _ = session.trainer._forward(session.trainer.engine, prompts, responses)
-    return max(abs(v - float(lp[i, j])) for i, seq in enumerate(vllm_lp) for j, v in enumerate(seq))
+    return max(abs(v - float(lp[i, j].detach())) for i, seq in enumerate(vllm_lp) for j, v in enumerate(seq))
 
 
 def test_update_changes_weights_and_syncs_them_into_vllm(session):

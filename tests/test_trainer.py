@@ -1,6 +1,8 @@
 """The DeepSpeed trainer on a very small model: hidden-state capture, whole-group
 ResRL weighting independent of micro-batching, exact micro-batch gradient
 accumulation, and checkpoint round trips."""
+import math
+
 import pytest
 import torch
 
@@ -149,3 +151,18 @@ def test_nsr_pushes_negatives_down_and_psr_pulls_positives_up(micro_model):
         mask = batch.response_mask()
         change = ((after - before) * mask)[rows].sum() / mask[rows].sum()
         assert sign * float(change) > 0
+
+
+@pytest.mark.parametrize("name", ["grpo", "dr_grpo", "psr", "nsr", "w_reinforce", "resrl"])
+def test_every_algorithm_updates_through_the_same_trainer(micro_model, name):
+    batch = make_batch(seed=7)
+    t = trainer_for(micro_model, f"algorithm.name={name}", "trainer.mini_batches=1")
+    before = {k: v.clone() for k, v in t.named_weights()}
+    metrics = t.train_step(batch, step=1)
+    assert all(math.isfinite(v) for k, v in metrics.items() if not k.startswith("resrl/") and k != "lld")
+    assert any(not torch.equal(before[k], v) for k, v in t.named_weights())
+    assert 0.1 <= metrics["resrl/weight_mean"] <= 1 and 0 <= metrics["resrl/alignment"] <= 1  # logged for all
+    scored = t.score(batch)
+    seq = t.algorithm.advantages(batch.rewards, batch.correct, batch.group_ids, t.cfg.algorithm)
+    applied = not torch.allclose(t.advantages(batch, scored), seq[:, None] * batch.response_mask())
+    assert applied == (name == "resrl")  # only ResRL applies the token weights
