@@ -101,6 +101,7 @@ def train_flow(config: dict | None = None, config_file: str | None = None, overr
         client.set_terminated(state.mlflow_run_id, status="RUNNING")
         client.set_tag(state.mlflow_run_id, "prefect.flow_run_id", fr_id)
     run_id = state.mlflow_run_id
+    tracking.announce_run(cfg, run_id)
 
     def evaluate(step: int) -> dict:
         result = evaluate_policy(config, prepared, step)
@@ -116,10 +117,10 @@ def train_flow(config: dict | None = None, config_file: str | None = None, overr
 
     steps = cfg.trainer.steps
     last_eval: dict = {}
-    due = state.step == 0 or state.step % cfg.eval.every == 0 or state.step == steps
-    if due and state.step not in state.evaluated:
-        last_eval = evaluate(state.step)
     try:
+        due = state.step == 0 or state.step % cfg.eval.every == 0 or state.step == steps
+        if due and state.step not in state.evaluated:  # step 0, or an evaluation an interruption skipped
+            last_eval = evaluate(state.step)
         for step in range(state.step + 1, steps + 1):
             roll = generate_rollouts(config, prepared, step)
             upd = update_policy(config, prepared, roll["path"], step)
@@ -141,10 +142,10 @@ def train_flow(config: dict | None = None, config_file: str | None = None, overr
     except BaseException:
         client.set_terminated(run_id, status="FAILED")
         raise
+    finally:
+        from resrl.session import close_session
 
-    from resrl.session import close_session
-
-    close_session(str(rdir))
+        close_session(str(rdir))  # free the engines; a later call starts from the checkpoint
     final_policy = checkpoint_dir(rdir, steps) / "policy" if steps > 0 else Path(prepared["policy_dir"])
     client.log_artifacts(run_id, str(final_policy), artifact_path="policy")
     total = time.time() - t_flow

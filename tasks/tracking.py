@@ -99,3 +99,18 @@ def run_url_hint(cfg) -> str:
     if is_local_store(uri):
         return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
     return f"open {uri} in a browser"
+
+
+def announce_run(cfg, run_id: str) -> None:
+    """A Prefect artifact on the current flow run that points at its MLflow run."""
+    from prefect.artifacts import create_link_artifact, create_markdown_artifact
+
+    uri = tracking_uri(cfg)
+    exp_id = client_for(cfg).get_run(run_id).info.experiment_id
+    if uri.startswith(("http://", "https://")):
+        create_link_artifact(link=f"{uri.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}", link_text="MLflow run",
+                             key="mlflow-run", description=f"MLflow run {run_id}")
+    else:
+        create_markdown_artifact(
+            markdown=f"MLflow run `{run_id}` (experiment {exp_id}) in `{uri}`.\n\nSee it with:\n\n"
+                     f"    {run_url_hint(cfg)}\n", key="mlflow-run", description=f"MLflow run {run_id}")

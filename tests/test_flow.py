@@ -76,11 +76,17 @@ def test_mlflow_run_is_tagged_with_the_prefect_flow_run(smoke_run, prefect_api_u
     fr_id = run.data.tags["prefect.flow_run_id"]
 
     async def read():
-        async with get_client() as c:
-            return await c.read_flow_run(fr_id)
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
-    flow_run = asyncio.run(read())
+        async with get_client() as c:
+            arts = await c.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[fr_id])))
+            return await c.read_flow_run(fr_id), arts
+
+    flow_run, artifacts = asyncio.run(read())
     assert flow_run.state.is_completed()
+    pointer = [a for a in artifacts if a.key == "mlflow-run"]  # the flow run points back at the MLflow run
+    assert pointer and run.info.run_id in str(pointer[0].data)
 
 
 def test_rerunning_a_finished_run_does_not_train_again(smoke_run, workdir, prefect_api_url):
