@@ -102,7 +102,6 @@ def update_ratio(label, model_dir, batch, overrides, repeats):
                                  *(["algorithm.diagnostics=false"] if algo == "grpo" else [])])
         trainers[algo] = PolicyTrainer(str(model_dir), cfg, rollout_batch_size=len(batch))
     times = {"grpo": [], "resrl": []}
-    weight_s = []
     for r in range(repeats + 1):  # the first round warms up
         for algo, tr in trainers.items():
             t = time.perf_counter()

@@ -61,8 +61,8 @@ def _train(args) -> int:
     result = train_flow(config=to_dict(cfg))
     print()
     if result.get("already_finished"):
-        print(f"This run already finished earlier (same config); nothing was re-run. "
-              f"Start a new one with run.name=... or change the config.")
+        print("This run already finished earlier (same config); nothing was re-run. "
+              "Start a new one with run.name=... or change the config.")
     else:
         ev = result["final_eval"]
         k = cfg.eval.k

@@ -273,7 +273,9 @@ class PolicyTrainer:
             r_ids = [batch.response_ids[r] for r in mrows.tolist()]
             logp, entropy, mask, _ = self._forward(self.engine, p, r_ids)
             w = logp.shape[1]
-            take = lambda x: x[mrows, :w].to(self.device)  # noqa: E731
+
+            def take(x, rows=mrows, width=w):  # this micro-batch's rows, trimmed to its response width
+                return x[rows, :width].to(self.device)
             loss, part = policy_loss(
                 logp, take(scored.logp), take(adv), take(coef), mask,
                 clip_low=cfg.loss.clip_low, clip_high=cfg.loss.clip_high, dual_clip=cfg.loss.dual_clip,

@@ -7,8 +7,6 @@ import subprocess
 import sys
 import time
 
-import pytest
-import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import ROOT, run_cli, smoke_overrides
