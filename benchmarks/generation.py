@@ -26,7 +26,9 @@ def measure(model_dir: str, prompts: list[list[int]], n: int, max_tokens: int, r
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    llm = LLM(model=model_dir, dtype="float32", kv_cache_memory_bytes=512 << 20, enforce_eager=os.environ.get("EAGER", "1") == "1",
+    # the same engine settings as resrl's rollouts on the CPU (RolloutEngine); EAGER=0 compiles
+    llm = LLM(model=model_dir, dtype="float32", kv_cache_memory_bytes=512 << 20,
+              enforce_eager=os.environ.get("EAGER", "1") == "1",
               max_model_len=max(len(p) for p in prompts) + max_tokens, max_num_seqs=512, seed=0,
               enable_chunked_prefill=False, max_num_batched_tokens=16384)
     sp = SamplingParams(n=n, temperature=1.0, max_tokens=max_tokens, ignore_eos=fixed_length, seed=0)

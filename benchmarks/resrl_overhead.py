@@ -145,8 +145,8 @@ def main():
         small = save_embedded_base(Path(tmp) / "default", cfg.model.tiny, seed=0)
         r = cfg.rollout
         batch = make_batch(r.prompts_per_step, r.n, 12, 26, 250)
-        update_ratio(f"default shape ({r.prompts_per_step} groups x {r.n} x ~26 tokens, H={cfg.model.tiny.hidden_size})",
-                     small, batch, [], repeats=3)
+        label = f"default shape ({r.prompts_per_step} groups x {r.n} x ~26 tokens, H={cfg.model.tiny.hidden_size})"
+        update_ratio(label, small, batch, [], repeats=3)
         if not args.quick:
             big_cfg = OmegaConf.create(dict(hidden_size=512, intermediate_size=1024, num_layers=2, num_heads=8,
                                             num_kv_heads=4, max_positions=512))

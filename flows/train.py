@@ -139,6 +139,17 @@ def train_flow(config: dict | None = None, config_file: str | None = None, overr
                 state = RunState.load(rdir)
             if step % cfg.eval.every == 0 or step == steps:
                 last_eval = evaluate(step)
+        final_policy = checkpoint_dir(rdir, steps) / "policy" if steps > 0 else Path(prepared["policy_dir"])
+        client.log_artifacts(run_id, str(final_policy), artifact_path="policy")
+        total = time.time() - t_flow
+        timings["orchestration"] = total - sum(timings.values())
+        summary_metrics = {f"time/total_{k}_s": v for k, v in timings.items()}
+        summary_metrics["time/flow_s"] = total
+        summary_metrics["sys/peak_rss_gb"] = _peak_rss_gb()
+        tracking.log_metrics(cfg, run_id, summary_metrics, steps)
+        client.set_terminated(run_id, status="FINISHED")
+        state.finished = True
+        state.save(rdir)
     except BaseException:
         client.set_terminated(run_id, status="FAILED")
         raise
@@ -146,16 +157,5 @@ def train_flow(config: dict | None = None, config_file: str | None = None, overr
         from resrl.session import close_session
 
         close_session(str(rdir))  # free the engines; a later call starts from the checkpoint
-    final_policy = checkpoint_dir(rdir, steps) / "policy" if steps > 0 else Path(prepared["policy_dir"])
-    client.log_artifacts(run_id, str(final_policy), artifact_path="policy")
-    total = time.time() - t_flow
-    timings["orchestration"] = total - sum(timings.values())
-    summary_metrics = {f"time/total_{k}_s": v for k, v in timings.items()}
-    summary_metrics["time/flow_s"] = total
-    summary_metrics["sys/peak_rss_gb"] = _peak_rss_gb()
-    tracking.log_metrics(cfg, run_id, summary_metrics, steps)
-    client.set_terminated(run_id, status="FINISHED")
-    state.finished = True
-    state.save(rdir)
     return {"run_dir": str(rdir), "mlflow_run_id": run_id, "tracking_uri": uri, "final_eval": last_eval,
             "timings": timings, "peak_rss_gb": summary_metrics["sys/peak_rss_gb"], "already_finished": False}

@@ -194,7 +194,7 @@ def validate(cfg: DictConfig) -> None:
     _require(loss.agg in LOSS_AGGREGATIONS,
              f"loss.agg '{loss.agg}' is not one of: {', '.join(LOSS_AGGREGATIONS)}.")
     _require(loss.clip_low >= 0 and loss.clip_high >= 0, "loss.clip_low and loss.clip_high must be >= 0.")
-    _require(loss.dual_clip is None or loss.dual_clip > 1.0,
+    _require(loss.dual_clip is None or (isinstance(loss.dual_clip, (int, float)) and loss.dual_clip > 1.0),
              f"loss.dual_clip must be > 1 or null, got {loss.dual_clip}.")
     _require(loss.kl_type in ("k1", "k2", "k3"), f"loss.kl_type must be k1, k2 or k3, got '{loss.kl_type}'.")
     _require(loss.kl_coef >= 0, "loss.kl_coef must be >= 0.")

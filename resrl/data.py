@@ -138,6 +138,8 @@ def adapt_math(row: dict, index: int, split: str) -> dict:
     """MATH style: `problem`, and an `answer` field or a `solution` with \\boxed{...}."""
     problem = _need_text(row, "problem")
     answer = row.get("answer")
+    if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+        answer = str(answer)  # AIME/AMC-style sets store integer answers
     solution = row.get("solution") or ""
     if not (isinstance(answer, str) and answer.strip()):
         if not solution:

@@ -5,6 +5,7 @@ scheduled evaluation flow (a fresh engine on a run's newest checkpoint).
 """
 from __future__ import annotations
 
+import json
 import time
 
 from resrl.metrics import avg_at_k, diversity, pass_at_k_table
@@ -20,6 +21,8 @@ def score_samples(reward_fn, rows, outputs) -> tuple[list[float], int]:
     scores, errors = [], 0
     for row, samples in zip(rows, outputs):
         extra = row.get("extra_info")
+        if isinstance(extra, str):  # stored as JSON text in the prepared dataset; rewards get a dict
+            extra = json.loads(extra) if extra else None
         for _, text in samples:
             try:
                 scores.append(float(reward_fn(row["data_source"], text, row["answer"], extra)))

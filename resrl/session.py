@@ -68,6 +68,8 @@ class TrainingSession:
         self.trainer = PolicyTrainer(policy_dir, cfg, rollout_batch_size=cfg.rollout.prompts_per_step * cfg.rollout.n)
         self.start_step = self.trainer.load_checkpoint(Path(checkpoint_dir)) if checkpoint_dir else 0
         self.eos_id = self.trainer.tokenizer.eos_token_id
+        gen_eos = getattr(self.trainer.engine.module.generation_config, "eos_token_id", None)
+        self.stop_ids = {self.eos_id, *(gen_eos if isinstance(gen_eos, list) else [gen_eos])} - {None}
 
     # ------------------------------------------------------------------ prompts
     def prompt_indices(self, step: int) -> list[int]:
@@ -113,7 +115,8 @@ class TrainingSession:
             "train/reward_mean": float(rewards.mean()),
             "train/pass_rate": float(batch.correct.float().mean()),
             "train/response_length": float(lengths.mean()),
-            "train/truncated_frac": float(torch.tensor([self.eos_id not in x for x in response_ids]).float().mean()),
+            "train/truncated_frac": float(torch.tensor([len(x) >= r.max_tokens and x[-1] not in self.stop_ids
+                                                        for x in response_ids]).float().mean()),
             "train/mixed_group_frac": float(((group_rate > 0) & (group_rate < 1)).float().mean()),
             "train/reward_errors": float(errors),
             "time/rollout_s": time.time() - t0,
@@ -137,4 +140,10 @@ class TrainingSession:
         self.trainer.save_checkpoint(ckpt_dir, step)
 
     def close(self) -> None:
+        import gc
+
         self.engine.close()
+        del self.trainer  # the DeepSpeed engine, its optimizer state and the reference model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

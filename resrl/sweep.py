@@ -97,6 +97,8 @@ def load_sweep(path: str | Path, extra_overrides: list[str] = ()) -> Sweep:
         except ConfigError as exc:
             raise ConfigError(f"sweep point {combo}: {exc}") from None
         key = config_hash(cfg)
+        if cfg.run.name:  # a fixed name would send every point to one run folder
+            OmegaConf.update(cfg, "run.name", f"{cfg.run.name}-{key}")
         if key not in seen:  # identical configs train once
             seen.add(key)
             points.append(SweepPoint(combo, cfg, key))

@@ -122,6 +122,11 @@ class PolicyTrainer:
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
         self.algorithm = get_algorithm(cfg.algorithm.name)
         t = cfg.trainer
+        # bf16/fp16 keep fp32 master weights in the optimizer; ZeRO (stage >= 1) saves and restores
+        # them with its checkpoints, DeepSpeed's stage-0 BF16 optimizer does not - so use stage 1.
+        self.zero_stage = max(t.zero_stage, 1) if self.dtype != torch.float32 else t.zero_stage
+        if self.zero_stage != t.zero_stage:
+            log.info("mixed precision: using ZeRO stage 1 instead of 0 (fp32 master weights in checkpoints)")
         self.opt_steps_per_rl_step = t.mini_batches * t.epochs
         mini = rollout_batch_size // t.mini_batches
         warmup = max(1, t.warmup_steps * self.opt_steps_per_rl_step)
@@ -131,7 +136,7 @@ class PolicyTrainer:
             "gradient_clipping": t.grad_clip,
             "optimizer": {"type": "AdamW", "params": {"lr": t.lr, "betas": list(t.betas), "eps": 1e-8,
                                                       "weight_decay": t.weight_decay, "torch_adam": True}},
-            "zero_optimization": {"stage": t.zero_stage},
+            "zero_optimization": {"stage": self.zero_stage},
             "bf16": {"enabled": self.dtype == torch.bfloat16},
             "fp16": {"enabled": self.dtype == torch.float16},
             "steps_per_print": 10**9,
@@ -183,21 +188,23 @@ class PolicyTrainer:
         token_fn = self.algorithm.token_weights or (resrl_token_weights if self.cfg.algorithm.diagnostics else None)
         layer = self.cfg.algorithm.hidden_layer if token_fn else None
         self.engine.eval()
-        for rows in self._group_chunks(batch.group_ids, self.cfg.trainer.micro_batch_size):
-            p = [batch.prompt_ids[r] for r in rows]
-            r_ids = [batch.response_ids[r] for r in rows]
-            lp, ent, mask, hidden = self._forward(self.engine, p, r_ids, hidden_layer=layer)
-            t = lp.shape[1]
-            logp[rows, :t], entropy[rows, :t] = lp.float().cpu(), ent.float().cpu()
-            if token_fn is not None:
-                w, st = token_fn(hidden, mask, correct[rows].to(self.device), batch.group_ids[rows].to(self.device),
-                                 self.cfg.algorithm, seed=seed)
-                weights[rows, :t] = w.float().cpu()
-                stats.append(st)
-            if ref is not None:
-                rlp, _, _, _ = self._forward(self.ref_model, p, r_ids)
-                ref[rows, :t] = rlp.float().cpu()
-        self.engine.train()
+        try:
+            for rows in self._group_chunks(batch.group_ids, self.cfg.trainer.micro_batch_size):
+                p = [batch.prompt_ids[r] for r in rows]
+                r_ids = [batch.response_ids[r] for r in rows]
+                lp, ent, mask, hidden = self._forward(self.engine, p, r_ids, hidden_layer=layer)
+                t = lp.shape[1]
+                logp[rows, :t], entropy[rows, :t] = lp.float().cpu(), ent.float().cpu()
+                if token_fn is not None:
+                    w, st = token_fn(hidden, mask, correct[rows].to(self.device),
+                                     batch.group_ids[rows].to(self.device), self.cfg.algorithm, seed=seed)
+                    weights[rows, :t] = w.float().cpu()
+                    stats.append(st)
+                if ref is not None:
+                    rlp, _, _, _ = self._forward(self.ref_model, p, r_ids)
+                    ref[rows, :t] = rlp.float().cpu()
+        finally:
+            self.engine.train()
         applied = weights if self.algorithm.token_weights is not None else torch.ones(B, T)
         return Scored(logp, entropy, applied, ref, ResidualStats.merge(stats))
 
@@ -322,21 +329,23 @@ class PolicyTrainer:
             return float("nan")
         change, count = 0.0, 0.0
         self.engine.eval()
-        for i in range(0, len(pos), self.cfg.trainer.micro_batch_size):
-            rows = pos[i:i + self.cfg.trainer.micro_batch_size]
-            logp, _, mask, _ = self._forward(self.engine, [batch.prompt_ids[r] for r in rows.tolist()],
-                                             [batch.response_ids[r] for r in rows.tolist()])
-            w = logp.shape[1]
-            change += float(((logp.float().cpu() - old_logp[rows, :w]) * mask.cpu()).sum())
-            count += float(mask.sum())
-        self.engine.train()
+        try:
+            for i in range(0, len(pos), self.cfg.trainer.micro_batch_size):
+                rows = pos[i:i + self.cfg.trainer.micro_batch_size]
+                logp, _, mask, _ = self._forward(self.engine, [batch.prompt_ids[r] for r in rows.tolist()],
+                                                 [batch.response_ids[r] for r in rows.tolist()])
+                w = logp.shape[1]
+                change += float(((logp.float().cpu() - old_logp[rows, :w]) * mask.cpu()).sum())
+                count += float(mask.sum())
+        finally:
+            self.engine.train()
         return change / max(count, 1.0)
 
     # ------------------------------------------------------------------ weights & checkpoints
     def named_weights(self):
         """Full (gathered) weights for the rollout engine and for saving."""
         module = self.engine.module
-        if self.cfg.trainer.zero_stage == 3:
+        if self.zero_stage == 3:
             import deepspeed
 
             with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
@@ -383,7 +392,9 @@ class PolicyTrainer:
                 state.setdefault(int(idx), {})[name] = value
             opt.load_state_dict({"state": state, "param_groups": groups})
         else:
-            self.engine.load_checkpoint(str(ckpt_dir / "deepspeed"), tag="latest", load_module_strict=True)
+            # the LR schedule is re-advanced below, the same way for both kinds of checkpoint
+            self.engine.load_checkpoint(str(ckpt_dir / "deepspeed"), tag="latest", load_module_strict=True,
+                                        load_lr_scheduler_states=False)
         with warnings.catch_warnings():  # stepping the schedule forward without optimizer steps is the point
             warnings.simplefilter("ignore", UserWarning)
             for _ in range(step * self.opt_steps_per_rl_step):

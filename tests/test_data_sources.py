@@ -158,3 +158,10 @@ def test_missing_paths_and_unreachable_hub_are_clear(monkeypatch):
         adapted_splits(cfg_for("data.source=gsm8k", "data.path=someone/some-dataset"), PrepSummary())
     with pytest.raises(DataError, match="needs data.path"):
         adapted_splits(cfg_for("data.source=gsm8k"), PrepSummary())
+
+
+def test_math_rows_with_numeric_answers_are_kept():
+    s = PrepSummary()
+    out = adapt_split([{"problem": "AIME-ish", "answer": 204}, {"problem": "x", "answer": 7.5}], "math", "train", s,
+                      max_bad=0.0)
+    assert [r["answer"] for r in out] == ["204", "7.5"] and not s.skipped

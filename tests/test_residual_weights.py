@@ -28,8 +28,8 @@ def slow_reference(hs, mask, pos, gid, rank, q_low, q_high, min_weight, max_pos_
         P = []
         for b in prow:
             toks = [t for t in range(T) if mask[b, t]]
-            if total > max_pos_tokens:  # keep floor(len * cap / total), evenly spaced: ceil(i L / c) - 1
-                L, c = len(toks), (len(toks) * max_pos_tokens) // total
+            if total > max_pos_tokens:  # keep max(1, floor(len * cap / total)), evenly spaced: ceil(i L / c) - 1
+                L, c = len(toks), max(1, (len(toks) * max_pos_tokens) // total)
                 toks = [toks[-(-i * L // c) - 1] for i in range(1, c + 1)]
             P += [ln(hs[b, t]) for t in toks]
         P = np.array(P)
@@ -100,6 +100,17 @@ def test_subsampling_matches_reference_and_caps_tokens():
     assert np.abs(w - ref).max() < 1e-4
     full = residual_token_weights(hs, mask, pos, gid, svd="exact", **KW).numpy()
     assert np.abs(w - full).max() > 1e-3  # the cap really changed the basis
+
+
+def test_more_positive_responses_than_the_token_cap_stay_finite():
+    hs = torch.randn(5, 1, 16, generator=torch.Generator().manual_seed(9))  # one token per response
+    mask = torch.ones(5, 1, dtype=torch.bool)
+    pos = torch.tensor([True, True, True, False, False])
+    gid = torch.zeros(5, dtype=torch.long)
+    w = residual_token_weights(hs, mask, pos, gid, rank=2, q_low=0.2, q_high=0.8, min_weight=0.1, max_pos_tokens=2)
+    ref = slow_reference(hs.numpy(), mask.numpy(), pos.numpy(), gid.numpy(), 2, 0.2, 0.8, 0.1, max_pos_tokens=2)
+    assert torch.isfinite(w).all()
+    assert np.abs(w.numpy() - ref).max() < 0.02
 
 
 def test_weights_bounds_and_ones_where_not_weighted():

@@ -54,3 +54,17 @@ def test_registry_and_user_function():
     assert fn("#### 5", "5") == 1.0
     with pytest.raises(ValueError, match="cannot be loaded"):
         load_reward_function("no_such_module:fn")
+
+
+def test_custom_reward_gets_extra_info_as_a_dict():
+    from resrl.evaluation import score_samples
+
+    seen = []
+
+    def reward(data_source, solution_str, ground_truth, extra_info=None):
+        seen.append(extra_info)
+        return float(extra_info["level"] == 3)
+
+    rows = [{"data_source": "x", "answer": "1", "extra_info": '{"level": 3}'}]
+    scores, errors = score_samples(reward, rows, [[([1], "text")]])
+    assert scores == [1.0] and errors == 0 and seen == [{"level": 3}]

@@ -200,3 +200,13 @@ def test_prefect_deploy_registers_the_deployments(prefect_api_url):
     ev = deployments["resrl-evaluate/evaluate"]
     assert ev.schedules and ev.schedules[0].schedule.cron == "0 * * * *"
     assert deployments["resrl-train/train"].work_pool_name == "resrl-pool"
+
+
+def test_a_fixed_run_name_still_gives_each_point_its_own_folder(tmp_path):
+    from resrl.config import run_dir
+
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump({"name": "t", "overrides": ["run.name=mine"], "grid": {"algorithm.rank": [4, 8]}}))
+    points = load_sweep(f).points
+    dirs = {run_dir(p.cfg) for p in points}
+    assert len(dirs) == 2 and all(d.name.startswith("mine-") for d in dirs)

@@ -208,9 +208,10 @@ def _layer_norm(x: torch.Tensor) -> torch.Tensor:
 def _subsample_positive_tokens(sel: torch.Tensor, row_slot: torch.Tensor, G: int, cap: int) -> torch.Tensor:
     """Keep, in each group over `cap` tokens, an evenly spaced share of every response.
 
-    Response i of a group with M tokens keeps floor(len_i * cap / M) of its tokens, so
-    the group keeps at most `cap`, and which tokens stay depends only on the response
-    itself - not on where the response sits in the batch.
+    Response i of a group with M tokens keeps max(1, floor(len_i * cap / M)) of its
+    tokens: the group keeps at most `cap`, plus one token for each response whose share
+    would round to zero (so no group loses all its positives). Which tokens stay
+    depends only on the response itself - not on where it sits in the batch.
     """
     lengths = sel.sum(dim=1)                                   # (B,)
     rows = lengths > 0
@@ -219,7 +220,8 @@ def _subsample_positive_tokens(sel: torch.Tensor, row_slot: torch.Tensor, G: int
     if not bool(over.any()):
         return sel
     m_row = M[row_slot.clamp_min(0)]
-    keep_n = torch.where(rows & over[row_slot.clamp_min(0)], (lengths * cap) // m_row.clamp_min(1), lengths)
+    share = ((lengths * cap) // m_row.clamp_min(1)).clamp_min(1)
+    keep_n = torch.where(rows & over[row_slot.clamp_min(0)], share, lengths)
     j = torch.cumsum(sel.long(), dim=1) - 1                     # rank of each token in its response
     L = lengths.clamp_min(1)[:, None]
     c = keep_n[:, None]
