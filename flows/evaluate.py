@@ -5,6 +5,7 @@ checkpoint's step), so a long or finished run can be re-checked on a cron schedu
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -33,29 +34,25 @@ def evaluate_run_flow(run_name: str, config_file: str | None = None, overrides: 
     from resrl.data import load_prepared
     from resrl.rewards import load_reward_function
     from resrl.rollout import RolloutEngine
-    from resrl.trainer import resolve_device, resolve_dtype
 
     logger = get_run_logger()
     store_cfg = load_config(config_file, overrides or [])
     run = find_run(store_cfg, run_name)
     rdir = Path(run.data.tags["resrl.run_dir"])
-    cfg = OmegaConf.load(rdir / "config.yaml")
+    client = tracking.client_for(store_cfg)
+    with tempfile.TemporaryDirectory() as tmp:  # the run's own resolved config, as logged
+        cfg = OmegaConf.load(client.download_artifacts(run.info.run_id, "config.yaml", tmp))
     ckpts = sorted((rdir / "checkpoints").glob("step_*"))
     if not ckpts:
         raise ConfigError(f"run '{run_name}' ({rdir}) has no checkpoint yet")
     step = int(ckpts[-1].name.split("_")[1])
     test = load_prepared(prepare_base_and_data(cfg)["dataset_dir"])["test"]
-    device = resolve_device(cfg.trainer.device)
-    dtype = str(resolve_dtype(cfg.model.dtype, device)).replace("torch.", "")
-    longest = max(len(p) for p in test["prompt_token_ids"])
-    engine = RolloutEngine(str(ckpts[-1] / "policy"), cfg.rollout, dtype=dtype,
-                           max_model_len=longest + cfg.eval.max_tokens, seed=cfg.seed)
+    engine = RolloutEngine.for_run(str(ckpts[-1] / "policy"), cfg, max(len(p) for p in test["prompt_token_ids"]))
     try:
         metrics, samples = evaluate(engine, test, cfg.eval, load_reward_function(cfg.reward.function), cfg.seed, step)
     finally:
         engine.close()
     scheduled = {k.replace("eval/", "eval_scheduled/", 1): v for k, v in metrics.items() if k.startswith("eval/")}
-    client = tracking.client_for(store_cfg)
     tracking.log_metrics(store_cfg, run.info.run_id, scheduled, step)
     client.log_text(run.info.run_id, json.dumps(samples, indent=1), f"eval_scheduled/step_{step:05d}/samples.json")
     logger.info("run %s, step %d: %s", run_name, step,

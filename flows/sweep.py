@@ -106,7 +106,7 @@ def sweep_flow(sweep_file: str, overrides: list[str] | None = None) -> dict:
                        "status": status[p.key]})
     client = tracking.client_for(cfg0)
     client.log_text(parent_id, json.dumps(points, indent=1), POINTS_FILE)
-    report = build_report(cfg0, sweep.sweep_id, parent_id)
+    report = build_report(cfg0, sweep.sweep_id)
     create_markdown_artifact(report["markdown"], key="sweep-report", description=f"Sweep {sweep.sweep_id}")
     finished = sum(s == "finished" for s in status.values())
     client.set_terminated(parent_id, status="FINISHED" if finished == len(points) else "FAILED")
@@ -139,7 +139,7 @@ def sweep_runs(cfg, sweep_id: str) -> tuple[str, pd.DataFrame, dict]:
     return parent, pd.DataFrame(rows), spec
 
 
-def build_report(cfg, sweep_id: str, parent_id: str | None = None) -> dict:
+def build_report(cfg, sweep_id: str) -> dict:
     """Write the comparison report from MLflow data and log it to the sweep's parent run."""
     parent, runs, spec = sweep_runs(cfg, sweep_id)
     swept = list((spec.get("grid") or {}).keys())
@@ -176,11 +176,9 @@ def run_sweep_cli(args) -> int:
 
 
 def compare_cli(args) -> int:
-    from resrl.sweep import load_sweep as _load
-
     spec = yaml.safe_load(Path(args.config).read_text()) if args.config and Path(args.config).is_file() else {}
     if {"grid", "points"} & set(spec or {}):
-        cfg = _load(args.config, args.overrides).points[0].cfg  # a sweep file: use its store
+        cfg = load_sweep(args.config, args.overrides).points[0].cfg  # a sweep file: use its store
     else:
         cfg = load_config(args.config, args.overrides)
     report = build_report(cfg, args.sweep_id)

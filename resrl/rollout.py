@@ -39,6 +39,16 @@ class RolloutEngine:
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
 
+    @classmethod
+    def for_run(cls, policy_dir: str, cfg, longest_prompt: int) -> "RolloutEngine":
+        """The engine a run's config asks for: the trainer's dtype, room for the longest prompt
+        plus the longer of the rollout and evaluation budgets."""
+        from resrl.trainer import resolve_device, resolve_dtype
+
+        dtype = str(resolve_dtype(cfg.model.dtype, resolve_device(cfg.trainer.device))).replace("torch.", "")
+        max_new = max(cfg.rollout.max_tokens, cfg.eval.max_tokens)
+        return cls(policy_dir, cfg.rollout, dtype=dtype, max_model_len=longest_prompt + max_new, seed=cfg.seed)
+
     def generate(self, prompt_token_ids: list[list[int]], *, n: int, temperature: float, top_p: float,
                  top_k: int, max_tokens: int, seed: int):
         """n samples per prompt. Returns, per prompt, a list of (token_ids, text).

@@ -18,7 +18,7 @@ from resrl.data import load_prepared
 from resrl.evaluation import evaluate, score_samples
 from resrl.rewards import load_reward_function, math_equiv
 from resrl.rollout import RolloutEngine
-from resrl.trainer import PolicyTrainer, resolve_device, resolve_dtype
+from resrl.trainer import PolicyTrainer
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +60,7 @@ class TrainingSession:
         self.reward_fn = load_reward_function(cfg.reward.function)
         math_equiv.set_timeout(cfg.reward.timeout_s)
         longest_prompt = max(max(len(p) for p in s["prompt_token_ids"]) for s in (self.train_set, self.test_set))
-        max_new = max(cfg.rollout.max_tokens, cfg.eval.max_tokens)
-        device = resolve_device(cfg.trainer.device)
-        dtype = str(resolve_dtype(cfg.model.dtype, device)).replace("torch.", "")
-        self.engine = RolloutEngine(policy_dir, cfg.rollout, dtype=dtype, max_model_len=longest_prompt + max_new,
-                                    seed=cfg.seed)
+        self.engine = RolloutEngine.for_run(policy_dir, cfg, longest_prompt)
         self.trainer = PolicyTrainer(policy_dir, cfg, rollout_batch_size=cfg.rollout.prompts_per_step * cfg.rollout.n)
         self.start_step = self.trainer.load_checkpoint(Path(checkpoint_dir)) if checkpoint_dir else 0
         self.eos_id = self.trainer.tokenizer.eos_token_id
@@ -140,10 +136,5 @@ class TrainingSession:
         self.trainer.save_checkpoint(ckpt_dir, step)
 
     def close(self) -> None:
-        import gc
-
-        self.engine.close()
-        del self.trainer  # the DeepSpeed engine, its optimizer state and the reference model
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        del self.trainer  # the DeepSpeed engine, its optimizer state and the reference model ...
+        self.engine.close()  # ... are collected with the engine's memory here

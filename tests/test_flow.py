@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import ROOT, run_cli, smoke_overrides
@@ -85,6 +86,24 @@ def test_mlflow_run_is_tagged_with_the_prefect_flow_run(smoke_run, prefect_api_u
     assert flow_run.state.is_completed()
     pointer = [a for a in artifacts if a.key == "mlflow-run"]  # the flow run points back at the MLflow run
     assert pointer and run.info.run_id in str(pointer[0].data)
+
+
+def test_scheduled_evaluation_logs_into_the_named_run(smoke_run, workdir, prefect_api_url, monkeypatch):
+    from flows.evaluate import evaluate_run_flow
+    from resrl.config import run_name
+
+    cfg = smoke_run["cfg"]
+    monkeypatch.setenv("PREFECT_API_URL", prefect_api_url)
+    result = evaluate_run_flow(run_name=run_name(cfg), config_file=str(ROOT / "conf" / "smoke.yaml"),
+                               overrides=smoke_overrides(workdir))
+    client = client_for(cfg)
+    run = client.get_run(smoke_run["state"]["mlflow_run_id"])
+    assert result["run_id"] == run.info.run_id and result["step"] == cfg.trainer.steps
+    # same policy, same fixed evaluation seed: the scheduled numbers equal the run's final ones
+    for key in ("avg_at_4", "pass_at_1", "pass_at_4"):
+        assert run.data.metrics[f"eval_scheduled/{key}"] == pytest.approx(run.data.metrics[f"eval/{key}"])
+    files = {a.path for a in client.list_artifacts(run.info.run_id, f"eval_scheduled/step_{cfg.trainer.steps:05d}")}
+    assert f"eval_scheduled/step_{cfg.trainer.steps:05d}/samples.json" in files
 
 
 def test_rerunning_a_finished_run_does_not_train_again(smoke_run, workdir, prefect_api_url):
