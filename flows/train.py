@@ -14,7 +14,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from resrl.config import ConfigError, config_hash, from_dict, load_config, run_dir, run_name, to_dict, validate
-from resrl.run_state import RunState, checkpoint_dir
+from resrl.run_state import RunState, checkpoint_dir, prune_checkpoints
 from tasks import tracking
 from tasks.steps import evaluate_policy, generate_rollouts, prepare_data, update_policy
 
@@ -135,8 +135,10 @@ def train_flow(config: dict | None = None, config_file: str | None = None, overr
                         metrics["train/loss"], metrics["train/grad_norm"], metrics.get("train/resrl/weight_mean",
                                                                                        float("nan")),
                         metrics["train/lld"], metrics["time/rollout_s"], metrics["time/update_s"])
-            if upd["checkpoint"]:
-                state = RunState.load(rdir)
+            if upd["checkpoint"]:  # commit only after the metrics are logged (see update_policy)
+                state.step = step
+                state.save(rdir)
+                prune_checkpoints(rdir, cfg.run.keep_checkpoints, committed=step)
             if step % cfg.eval.every == 0 or step == steps:
                 last_eval = evaluate(step)
         final_policy = checkpoint_dir(rdir, steps) / "policy" if steps > 0 else Path(prepared["policy_dir"])

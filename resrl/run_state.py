@@ -43,7 +43,12 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step_{step:05d}"
 
 
-def prune_checkpoints(run_dir: Path, keep: int) -> None:
+def prune_checkpoints(run_dir: Path, keep: int, committed: int) -> None:
+    """Keep the `keep` newest checkpoints up to the committed step. Any newer one was
+    written by an interrupted run before its step was committed, so it is stale."""
+    for ckpt in (Path(run_dir) / "checkpoints").glob("step_*"):
+        if int(ckpt.name.removeprefix("step_")) > committed:
+            shutil.rmtree(ckpt, ignore_errors=True)
     ckpts = sorted((Path(run_dir) / "checkpoints").glob("step_*"))
     for old in ckpts[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

@@ -13,7 +13,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from resrl.config import from_dict, run_dir
-from resrl.run_state import (RunState, checkpoint_dir, eval_dir, prune_checkpoints, rollout_path)
+from resrl.run_state import RunState, checkpoint_dir, eval_dir, rollout_path
 
 
 def _session(config: dict, prepared: dict) -> tuple[object, dict[str, float]]:
@@ -60,7 +60,11 @@ def generate_rollouts(config: dict, prepared: dict, step: int) -> dict:
 
 @task(name="update", cache_policy=NO_CACHE)
 def update_policy(config: dict, prepared: dict, rollouts: str, step: int) -> dict:
-    """One RL update on the saved rollouts, weight sync into vLLM, checkpoint when due."""
+    """One RL update on the saved rollouts, weight sync into vLLM, checkpoint when due.
+
+    The checkpoint is written here but not committed to `state.json`: the flow commits it
+    after the step's metrics reach MLflow, so an interruption in between redoes the step
+    instead of losing its metrics."""
     from resrl.batch import RolloutBatch
 
     cfg = from_dict(config)
@@ -71,10 +75,6 @@ def update_policy(config: dict, prepared: dict, rollouts: str, step: int) -> dic
         rdir = run_dir(cfg)
         saved = checkpoint_dir(rdir, step)
         session.save_checkpoint(saved, step)
-        state = RunState.load(rdir)
-        state.step = step
-        state.save(rdir)
-        prune_checkpoints(rdir, cfg.run.keep_checkpoints)
     return {"metrics": metrics, "checkpoint": str(saved) if saved else None}
 
 
