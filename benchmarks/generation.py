@@ -1,11 +1,12 @@
 """vLLM rollout throughput next to Hugging Face `generate` on the same model and prompts.
 
-    python benchmarks/generation.py [MODEL_DIR] [--prompts 64] [--n 8] [--max-tokens 48]
+    python benchmarks/generation.py [MODEL_DIR] [--prompts 64] [--n 8] [--max-tokens 48] [--profile]
 
 Both sample at temperature 1 with EOS ignored, so both produce exactly
 prompts x n x max_tokens tokens; each is timed after one warm-up call, in this
 process, one after the other. Without MODEL_DIR the smoke config's warm-started
-policy is used (built if needed).
+policy is used (built if needed). --profile instead splits one vLLM rollout call
+(stop at EOS) into torch kernels and vLLM's per-request Python bookkeeping.
 """
 from __future__ import annotations
 
@@ -69,6 +70,39 @@ def measure(model_dir: str, prompts: list[list[int]], n: int, max_tokens: int, r
             "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
 
 
+def profile_vllm(model_dir: str, prompts: list[list[int]], n: int, max_tokens: int) -> None:
+    """Where a vLLM `generate` call spends its time, under cProfile (warm engine)."""
+    import cProfile
+    import pstats
+
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(model=model_dir, dtype="float32", kv_cache_memory_bytes=512 << 20, enforce_eager=True,
+              max_model_len=max(len(p) for p in prompts) + max_tokens, max_num_seqs=512, seed=0,
+              enable_chunked_prefill=False, max_num_batched_tokens=16384)
+    sp = SamplingParams(n=n, temperature=1.0, max_tokens=max_tokens, seed=0)
+    reqs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
+    llm.generate(reqs, sp, use_tqdm=False)  # warm-up
+    prof = cProfile.Profile()
+    t = time.perf_counter()
+    prof.enable()
+    out = llm.generate(reqs, sp, use_tqdm=False)
+    prof.disable()
+    total = time.perf_counter() - t
+    stats = pstats.Stats(prof).stats  # {(file, line, name): (calls, ncalls, tottime, cumtime, callers)}
+    kernels = sum(v[2] for k, v in stats.items() if k[0] == "~" and "torch" in k[2])
+
+    def cumulative(suffix: str) -> float:
+        return sum(v[3] for k, v in stats.items() if k[0].endswith(suffix) and k[2] in
+                   ("schedule", "update_from_output", "process_outputs"))
+    tokens = sum(len(c.token_ids) for o in out for c in o.outputs)
+    print(f"vLLM generate under cProfile: {total:.2f} s for {tokens} tokens")
+    print(f"  torch kernels (own time)           {kernels:.2f} s")
+    print(f"  scheduler (schedule + update)      {cumulative('scheduler.py'):.2f} s")
+    print(f"  output processing                  {cumulative('output_processor.py'):.2f} s")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("model_dir", nargs="?")
@@ -76,6 +110,7 @@ def main():
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--config", default="conf/default.yaml")
+    ap.add_argument("--profile", action="store_true", help="profile one vLLM call instead of comparing")
     args = ap.parse_args()
     from resrl.config import load_config
     from resrl.data import load_prepared
@@ -87,6 +122,8 @@ def main():
     test = load_prepared(prepared["dataset_dir"])["test"]
     prompts = [test[i]["prompt_token_ids"] for i in range(min(args.prompts, len(test)))]
     print(f"model {model_dir}, {len(prompts)} prompts x {args.n} samples, max {args.max_tokens} new tokens")
+    if args.profile:
+        return profile_vllm(model_dir, prompts, args.n, args.max_tokens)
     for fixed in (False, True):
         r = measure(model_dir, prompts, args.n, args.max_tokens, fixed_length=fixed)
         label = "fixed length (EOS ignored)" if fixed else "rollout (stop at EOS)     "

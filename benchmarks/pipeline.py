@@ -4,8 +4,9 @@ rollout throughput next to Hugging Face `generate`.
     python benchmarks/pipeline.py [--config FILE] [key=value ...]
 
 Runs `resrl train` as a user would (a fresh cache and output folder, so the embedded
-model, dataset and warm-start are built too), samples the RSS of its whole process
-tree every 0.2 s, then reads the per-part timings from the MLflow run. Finally it
+model, dataset and warm-start are built too), samples the memory of its whole process
+tree every 0.2 s (PSS, so pages a child shares with its parent, e.g. right after a fork,
+are not counted twice), then reads the per-part timings from the MLflow run. Finally it
 compares vLLM with HF generate on the trained policy and the held-out prompts.
 """
 from __future__ import annotations
@@ -26,14 +27,17 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
-def tree_rss(proc: psutil.Process) -> int:
-    total = 0
+def tree_memory(proc: psutil.Process) -> tuple[int, int]:
+    """(PSS, RSS) summed over the process tree. The RSS sum counts shared pages once per
+    process, so a forked child briefly doubles it; PSS splits them between the sharers."""
+    pss = rss = 0
     for p in [proc, *proc.children(recursive=True)]:
         try:
-            total += p.memory_info().rss
+            m = p.memory_full_info()
+            pss, rss = pss + m.pss, rss + m.rss
         except psutil.Error:
             pass
-    return total
+    return pss, rss
 
 
 def main():
@@ -56,13 +60,13 @@ def main():
         env.pop("MLFLOW_TRACKING_URI", None)
         t0 = time.time()
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        peak = [0]
+        peak = [0, 0]  # PSS, RSS
         done = threading.Event()
 
         def sample():
             ps = psutil.Process(proc.pid)
             while not done.is_set():
-                peak[0] = max(peak[0], tree_rss(ps))
+                peak[:] = [max(a, b) for a, b in zip(peak, tree_memory(ps))]
                 time.sleep(0.2)
         threading.Thread(target=sample, daemon=True).start()
         out, _ = proc.communicate()
@@ -86,8 +90,9 @@ def main():
         print(f"  {'orchestration':<13} {orchestration:7.1f} s  {100 * orchestration / wall:5.1f} %   "
               f"(process start, imports, Prefect server and task runs, MLflow logging; "
               f"{in_flow - sum(parts.values()):.1f} s of it inside the flow)")
-        print(f"peak RSS: {peak[0] / 2**30:.2f} GiB for the whole process tree "
-              f"(main process alone: {m['sys/peak_rss_gb']:.2f} GiB)")
+        print(f"peak memory: {peak[0] / 2**30:.2f} GiB PSS for the whole process tree (sum of RSS, "
+              f"counting shared pages per process: {peak[1] / 2**30:.2f} GiB; main process peak RSS "
+              f"{m['sys/peak_rss_gb']:.2f} GiB)")
         final = {k: v for k, v in m.items() if k.startswith("eval/pass_at_") or k.startswith("eval/avg_at_")}
         print("final eval:", ", ".join(f"{k[5:]} {v:.3f}" for k, v in sorted(final.items())))
 
