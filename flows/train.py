@@ -76,14 +76,8 @@ def train_flow(config: dict | None = None, config_file: str | None = None, overr
         return {"run_dir": str(rdir), "mlflow_run_id": state.mlflow_run_id, "tracking_uri": uri,
                 "already_finished": True}
 
-    timings = {"prepare": 0.0, "engine_start": 0.0, "rollout": 0.0, "update": 0.0, "eval": 0.0}
-    prepared = prepare_data(config)
-    timings["prepare"] = prepared["seconds"]
-    for line in prepared["summary_lines"]:
-        logger.info("data: %s", line)
-    logger.info("policy: %s (warm-start %s)", prepared["policy_dir"],
-                {None: "off", True: "reused from cache", False: "trained now"}[prepared["warmstart_reused"]])
-
+    # The MLflow run comes first, so a run that fails in data preparation (a bad dataset, a
+    # missing model) is still there in the UI, FAILED, with its config and the error.
     fr_id = str(flow_run.id) if flow_run.id else "none"
     client = tracking.client_for(cfg)
     if state.mlflow_run_id is None:
@@ -92,16 +86,52 @@ def train_flow(config: dict | None = None, config_file: str | None = None, overr
         if cfg.run.sweep_id:
             tags["resrl.sweep_id"] = cfg.run.sweep_id
         state.mlflow_run_id = tracking.start_run(cfg, run_name(cfg), tags=tags, parent_run_id=cfg.run.parent_run_id)
+        state.save(rdir)
         tracking.log_config_params(cfg, state.mlflow_run_id)
         client.log_text(state.mlflow_run_id, OmegaConf.to_yaml(cfg), "config.yaml")
-        tracking.log_metrics(cfg, state.mlflow_run_id, prepared["metrics"], 0)
-        state.save(rdir)
     else:
         logger.info("Resuming %s from step %d (MLflow run %s).", rdir, state.step, state.mlflow_run_id)
         client.set_terminated(state.mlflow_run_id, status="RUNNING")
         client.set_tag(state.mlflow_run_id, "prefect.flow_run_id", fr_id)
+        if "resrl.error" in client.get_run(state.mlflow_run_id).data.tags:  # from the attempt that failed
+            client.delete_tag(state.mlflow_run_id, "resrl.error")
     run_id = state.mlflow_run_id
     tracking.announce_run(cfg, run_id)
+    try:
+        result = _train(cfg, config, rdir, state, run_id, client, logger)
+        total = time.time() - t_flow
+        timings = result["timings"]
+        timings["orchestration"] = total - sum(timings.values())
+        summary_metrics = {f"time/total_{k}_s": v for k, v in timings.items()}
+        summary_metrics["time/flow_s"] = total
+        summary_metrics["sys/peak_rss_gb"] = _peak_rss_gb()
+        tracking.log_metrics(cfg, run_id, summary_metrics, cfg.trainer.steps)
+        client.set_terminated(run_id, status="FINISHED")
+        state.finished = True
+        state.save(rdir)
+    except BaseException as exc:
+        client.set_tag(run_id, "resrl.error", f"{type(exc).__name__}: {exc}"[:4000])
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    finally:
+        from resrl.session import close_session
+
+        close_session(str(rdir))  # free the engines; a later call starts from the checkpoint
+    return {"run_dir": str(rdir), "mlflow_run_id": run_id, "tracking_uri": uri, "final_eval": result["final_eval"],
+            "timings": timings, "peak_rss_gb": summary_metrics["sys/peak_rss_gb"], "already_finished": False}
+
+
+def _train(cfg, config: dict, rdir: Path, state: RunState, run_id: str, client, logger) -> dict:
+    """Data preparation, then rollout -> update per step with evaluations; returns timings and the last eval."""
+    timings = {"prepare": 0.0, "engine_start": 0.0, "rollout": 0.0, "update": 0.0, "eval": 0.0}
+    prepared = prepare_data(config)
+    timings["prepare"] = prepared["seconds"]
+    for line in prepared["summary_lines"]:
+        logger.info("data: %s", line)
+    logger.info("policy: %s (warm-start %s)", prepared["policy_dir"],
+                {None: "off", True: "reused from cache", False: "trained now"}[prepared["warmstart_reused"]])
+    if state.step == 0 and not state.evaluated:  # not yet logged (a resume before step 0's eval logs them again)
+        tracking.log_metrics(cfg, run_id, prepared["metrics"], 0)
 
     def evaluate(step: int) -> dict:
         result = evaluate_policy(config, prepared, step)
@@ -117,47 +147,29 @@ def train_flow(config: dict | None = None, config_file: str | None = None, overr
 
     steps = cfg.trainer.steps
     last_eval: dict = {}
-    try:
-        due = state.step == 0 or state.step % cfg.eval.every == 0 or state.step == steps
-        if due and state.step not in state.evaluated:  # step 0, or an evaluation an interruption skipped
-            last_eval = evaluate(state.step)
-        for step in range(state.step + 1, steps + 1):
-            roll = generate_rollouts(config, prepared, step)
-            upd = update_policy(config, prepared, roll["path"], step)
-            metrics = {**roll["metrics"], **upd["metrics"]}
-            timings["rollout"] += metrics["time/rollout_s"]
-            timings["engine_start"] += metrics.get("time/engine_start_s", 0.0)
-            timings["update"] += metrics["time/update_s"] + metrics["time/weight_sync_s"]
-            tracking.log_metrics(cfg, run_id, metrics, step)
-            logger.info("step %d/%d | reward %.3f | pass %.3f | len %.1f | loss %.4f | gnorm %.3f | "
-                        "w_neg %.3f | lld %.4f | %.1fs rollout %.1fs update", step, steps,
-                        metrics["train/reward_mean"], metrics["train/pass_rate"], metrics["train/response_length"],
-                        metrics["train/loss"], metrics["train/grad_norm"], metrics.get("train/resrl/weight_mean",
-                                                                                       float("nan")),
-                        metrics["train/lld"], metrics["time/rollout_s"], metrics["time/update_s"])
-            if upd["checkpoint"]:  # commit only after the metrics are logged (see update_policy)
-                state.step = step
-                state.save(rdir)
-                prune_checkpoints(rdir, cfg.run.keep_checkpoints, committed=step)
-            if step % cfg.eval.every == 0 or step == steps:
-                last_eval = evaluate(step)
-        final_policy = checkpoint_dir(rdir, steps) / "policy" if steps > 0 else Path(prepared["policy_dir"])
-        client.log_artifacts(run_id, str(final_policy), artifact_path="policy")
-        total = time.time() - t_flow
-        timings["orchestration"] = total - sum(timings.values())
-        summary_metrics = {f"time/total_{k}_s": v for k, v in timings.items()}
-        summary_metrics["time/flow_s"] = total
-        summary_metrics["sys/peak_rss_gb"] = _peak_rss_gb()
-        tracking.log_metrics(cfg, run_id, summary_metrics, steps)
-        client.set_terminated(run_id, status="FINISHED")
-        state.finished = True
-        state.save(rdir)
-    except BaseException:
-        client.set_terminated(run_id, status="FAILED")
-        raise
-    finally:
-        from resrl.session import close_session
-
-        close_session(str(rdir))  # free the engines; a later call starts from the checkpoint
-    return {"run_dir": str(rdir), "mlflow_run_id": run_id, "tracking_uri": uri, "final_eval": last_eval,
-            "timings": timings, "peak_rss_gb": summary_metrics["sys/peak_rss_gb"], "already_finished": False}
+    due = state.step == 0 or state.step % cfg.eval.every == 0 or state.step == steps
+    if due and state.step not in state.evaluated:  # step 0, or an evaluation an interruption skipped
+        last_eval = evaluate(state.step)
+    for step in range(state.step + 1, steps + 1):
+        roll = generate_rollouts(config, prepared, step)
+        upd = update_policy(config, prepared, roll["path"], step)
+        metrics = {**roll["metrics"], **upd["metrics"]}
+        timings["rollout"] += metrics["time/rollout_s"]
+        timings["engine_start"] += metrics.get("time/engine_start_s", 0.0)
+        timings["update"] += metrics["time/update_s"] + metrics["time/weight_sync_s"]
+        tracking.log_metrics(cfg, run_id, metrics, step)
+        logger.info("step %d/%d | reward %.3f | pass %.3f | len %.1f | loss %.4f | gnorm %.3f | "
+                    "w_neg %.3f | lld %.4f | %.1fs rollout %.1fs update", step, steps,
+                    metrics["train/reward_mean"], metrics["train/pass_rate"], metrics["train/response_length"],
+                    metrics["train/loss"], metrics["train/grad_norm"], metrics.get("train/resrl/weight_mean",
+                                                                                   float("nan")),
+                    metrics["train/lld"], metrics["time/rollout_s"], metrics["time/update_s"])
+        if upd["checkpoint"]:  # commit only after the metrics are logged (see update_policy)
+            state.step = step
+            state.save(rdir)
+            prune_checkpoints(rdir, cfg.run.keep_checkpoints, committed=step)
+        if step % cfg.eval.every == 0 or step == steps:
+            last_eval = evaluate(step)
+    final_policy = checkpoint_dir(rdir, steps) / "policy" if steps > 0 else Path(prepared["policy_dir"])
+    client.log_artifacts(run_id, str(final_policy), artifact_path="policy")
+    return {"timings": timings, "final_eval": last_eval}

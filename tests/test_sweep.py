@@ -136,6 +136,10 @@ def test_children_nested_under_parent_with_all_metrics(sweep_run):
             assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2], key
         assert run.data.tags["resrl.sweep_id"] == sid
         assert "eval/pass_at_4" in run.data.metrics and "eval/avg_at_4" in run.data.metrics
+    # the point whose data is bad failed in preparation, yet has its run: FAILED, config and error
+    failed = [r for r in children if r.info.status == "FAILED"]
+    assert len(failed) == 1 and failed[0].data.params["data.source"] == "gsm8k"
+    assert failed[0].data.tags["resrl.error"].startswith("DataError")
     report = {a.path for a in client.list_artifacts(parent[0].info.run_id, "report")}
     assert {"report/report.md", "report/pass_at_k.png"} <= report
 
@@ -167,7 +171,8 @@ def test_rerun_skips_finished_points(sweep_run):
                            timeout=600)
     log = again.stdout + again.stderr
     assert log.count("finished earlier, skipped") == 2
-    assert len(client.search_runs([exp.experiment_id])) == before  # nothing trained again, no new runs
+    # nothing trained again; the failed point was retried in its own run, so no new runs either
+    assert len(client.search_runs([exp.experiment_id])) == before
 
 
 def test_compare_rebuilds_the_report_from_mlflow(sweep_run):
