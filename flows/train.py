@@ -112,6 +112,9 @@ def train_flow(config: dict | None = None, config_file: str | None = None, overr
     except BaseException as exc:
         client.set_tag(run_id, "resrl.error", f"{type(exc).__name__}: {exc}"[:4000])
         client.set_terminated(run_id, status="FAILED")
+        # said here, where it happens (not by the caller, which cannot tell whether the run got this far)
+        logger.error("MLflow run %s is marked FAILED (tag resrl.error); running the same config again retries "
+                     "in that run. See: %s", run_id, tracking.run_url_hint(cfg))
         raise
     finally:
         from resrl.session import close_session

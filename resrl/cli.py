@@ -58,17 +58,7 @@ def _train(args) -> int:
 
     rdir = run_dir(cfg)
     print(f"resrl: run folder {rdir}  |  MLflow store {tracking_uri(cfg)}", flush=True)
-    try:
-        result = train_flow(config=to_dict(cfg))
-    except BaseException:
-        from resrl.run_state import RunState
-
-        state = RunState.load(rdir)
-        if state is not None and state.mlflow_run_id:
-            print(f"resrl: MLflow run {state.mlflow_run_id} is marked FAILED (tag resrl.error); "
-                  f"the same command run again retries in that run. See: {run_url_hint(cfg)}",
-                  file=sys.stderr, flush=True)
-        raise
+    result = train_flow(config=to_dict(cfg))
     print()
     if result.get("already_finished"):
         print("This run already finished earlier (same config); nothing was re-run. "
