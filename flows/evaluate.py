@@ -16,10 +16,7 @@ from tasks import tracking
 
 
 def find_run(cfg, name: str):
-    client = tracking.client_for(cfg)
-    exp = client.get_experiment_by_name(cfg.run.experiment)
-    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.runName` = '{name}'",
-                              order_by=["attributes.start_time DESC"]) if exp else []
+    runs = tracking.search_runs(cfg, f"tags.`mlflow.runName` = '{name}'", order_by=["attributes.start_time DESC"])
     if not runs:
         raise ConfigError(f"no MLflow run named '{name}' in {tracking.tracking_uri(cfg)} "
                           f"(experiment '{cfg.run.experiment}')")

@@ -24,16 +24,18 @@ from tasks import tracking
 POINTS_FILE = "points.json"
 
 
+def _find_parent(cfg, sweep_id: str) -> str | None:
+    found = tracking.search_runs(cfg, f"tags.`resrl.sweep_id` = '{sweep_id}' and tags.`resrl.role` = 'sweep'")
+    return found[0].info.run_id if found else None
+
+
 def _parent_run(cfg, sweep) -> str:
     """The sweep's parent MLflow run: found by its sweep id, else created."""
-    client = tracking.client_for(cfg)
-    exp_id = tracking.ensure_experiment(cfg)
-    found = client.search_runs([exp_id], filter_string=f"tags.`resrl.sweep_id` = '{sweep.sweep_id}' "
-                                                        "and tags.`resrl.role` = 'sweep'")
-    if found:
-        return found[0].info.run_id
-    run_id = tracking.start_run(cfg, sweep.sweep_id, tags={"resrl.sweep_id": sweep.sweep_id, "resrl.role": "sweep"})
-    client.log_text(run_id, yaml.safe_dump(sweep.spec, sort_keys=False), "sweep.yaml")
+    tracking.ensure_experiment(cfg)
+    run_id = _find_parent(cfg, sweep.sweep_id)
+    if run_id is None:
+        run_id = tracking.start_run(cfg, sweep.sweep_id, tags={"resrl.sweep_id": sweep.sweep_id, "resrl.role": "sweep"})
+        tracking.client_for(cfg).log_text(run_id, yaml.safe_dump(sweep.spec, sort_keys=False), "sweep.yaml")
     return run_id
 
 
@@ -114,16 +116,14 @@ def sweep_flow(sweep_file: str, overrides: list[str] | None = None) -> dict:
             "report_dir": report["dir"], "tracking_uri": tracking.tracking_uri(cfg0)}
 
 
-def sweep_runs(cfg, sweep_id: str) -> tuple[str, pd.DataFrame, dict]:
-    """Parent run id, one row per point (params of the swept keys + final eval metrics), and the spec."""
+def sweep_runs(cfg, sweep_id: str) -> tuple[str, pd.DataFrame, dict, list[str]]:
+    """Parent run id, one row per point (params of the swept keys + final eval metrics), the spec,
+    and the swept keys (as recorded in points.json, in the order the sweep file gives them)."""
     client = tracking.client_for(cfg)
-    exp = client.get_experiment_by_name(cfg.run.experiment)
-    parents = client.search_runs([exp.experiment_id], filter_string=f"tags.`resrl.sweep_id` = '{sweep_id}' "
-                                                                     "and tags.`resrl.role` = 'sweep'") if exp else []
-    if not parents:
+    parent = _find_parent(cfg, sweep_id)
+    if parent is None:
         raise ConfigError(f"no sweep '{sweep_id}' in the MLflow store {tracking.tracking_uri(cfg)} "
                           f"(experiment '{cfg.run.experiment}')")
-    parent = parents[0].info.run_id
     with tempfile.TemporaryDirectory() as tmp:
         points = json.loads(Path(client.download_artifacts(parent, POINTS_FILE, tmp)).read_text())
         spec = yaml.safe_load(Path(client.download_artifacts(parent, "sweep.yaml", tmp)).read_text())
@@ -136,15 +136,13 @@ def sweep_runs(cfg, sweep_id: str) -> tuple[str, pd.DataFrame, dict]:
             row["status"] = "finished" if run.info.status == "FINISHED" else p["status"]
             row.update({k: v for k, v in run.data.metrics.items() if k.startswith("eval/")})
         rows.append(row)
-    return parent, pd.DataFrame(rows), spec
+    swept = list(dict.fromkeys(k for p in points for k in p["values"]))
+    return parent, pd.DataFrame(rows), spec, swept
 
 
 def build_report(cfg, sweep_id: str) -> dict:
     """Write the comparison report from MLflow data and log it to the sweep's parent run."""
-    parent, runs, spec = sweep_runs(cfg, sweep_id)
-    swept = list((spec.get("grid") or {}).keys())
-    for p in spec.get("points") or []:
-        swept += [k for k in p if k not in swept]
+    parent, runs, spec, swept = sweep_runs(cfg, sweep_id)
     group_keys = [k for k in swept if k != "seed" and k in runs.columns]
     report_cfg = spec.get("report") or {}
     out = Path(cfg.run.output_dir) / "sweeps" / sweep_id

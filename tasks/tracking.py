@@ -71,6 +71,13 @@ def start_run(cfg, run_name: str, tags: dict[str, str], parent_run_id: str | Non
     return run.info.run_id
 
 
+def search_runs(cfg, filter_string: str, order_by: list[str] | None = None) -> list:
+    """Runs of run.experiment matching an MLflow filter; none when the experiment does not exist yet."""
+    client = client_for(cfg)
+    exp = client.get_experiment_by_name(cfg.run.experiment)
+    return client.search_runs([exp.experiment_id], filter_string=filter_string, order_by=order_by) if exp else []
+
+
 def log_config_params(cfg, run_id: str) -> None:
     from mlflow.entities import Param
 
