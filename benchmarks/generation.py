@@ -18,20 +18,26 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
 
 
+def vllm_engine(model_dir: str, prompts: list[list[int]], max_tokens: int):
+    """The same engine settings as resrl's rollouts on the CPU (RolloutEngine); EAGER=0 compiles."""
+    from vllm import LLM
+
+    return LLM(model=model_dir, dtype="float32", kv_cache_memory_bytes=512 << 20,
+               enforce_eager=os.environ.get("EAGER", "1") == "1",
+               max_model_len=max(len(p) for p in prompts) + max_tokens, max_num_seqs=512, seed=0,
+               enable_chunked_prefill=False, max_num_batched_tokens=16384)
+
+
 def measure(model_dir: str, prompts: list[list[int]], n: int, max_tokens: int, repeats: int = 2,
             fixed_length: bool = True) -> dict:
     """Tokens/s of both generators. fixed_length: EOS ignored, every sample max_tokens long;
     otherwise rollout settings (stop at EOS) and only tokens up to EOS count."""
     import torch
     from transformers import AutoModelForCausalLM
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    # the same engine settings as resrl's rollouts on the CPU (RolloutEngine); EAGER=0 compiles
-    llm = LLM(model=model_dir, dtype="float32", kv_cache_memory_bytes=512 << 20,
-              enforce_eager=os.environ.get("EAGER", "1") == "1",
-              max_model_len=max(len(p) for p in prompts) + max_tokens, max_num_seqs=512, seed=0,
-              enable_chunked_prefill=False, max_num_batched_tokens=16384)
+    llm = vllm_engine(model_dir, prompts, max_tokens)
     sp = SamplingParams(n=n, temperature=1.0, max_tokens=max_tokens, ignore_eos=fixed_length, seed=0)
     reqs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
     llm.generate(reqs, sp, use_tqdm=False)  # warm-up
@@ -75,12 +81,10 @@ def profile_vllm(model_dir: str, prompts: list[list[int]], n: int, max_tokens: i
     import cProfile
     import pstats
 
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    llm = LLM(model=model_dir, dtype="float32", kv_cache_memory_bytes=512 << 20, enforce_eager=True,
-              max_model_len=max(len(p) for p in prompts) + max_tokens, max_num_seqs=512, seed=0,
-              enable_chunked_prefill=False, max_num_batched_tokens=16384)
+    llm = vllm_engine(model_dir, prompts, max_tokens)
     sp = SamplingParams(n=n, temperature=1.0, max_tokens=max_tokens, seed=0)
     reqs = [TokensPrompt(prompt_token_ids=p) for p in prompts]
     llm.generate(reqs, sp, use_tqdm=False)  # warm-up
