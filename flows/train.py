@@ -137,15 +137,16 @@ def _train(cfg, config: dict, rdir: Path, state: RunState, run_id: str, client, 
         tracking.log_metrics(cfg, run_id, prepared["metrics"], 0)
 
     def evaluate(step: int) -> dict:
-        result = evaluate_policy(config, prepared, step)
+        result = evaluate_policy(config, prepared, step, final=step == cfg.trainer.steps)
         _log_eval(cfg, run_id, result, step)
         timings["eval"] += result["metrics"]["time/eval_s"]
         timings["engine_start"] += result["metrics"].get("time/engine_start_s", 0.0)
         state.evaluated = sorted(set(state.evaluated) | {step})
         state.save(rdir)
         m = result["metrics"]
-        logger.info("eval step %d: avg@%d %.3f | pass@%d %.3f | pass@1 %.3f", step, cfg.eval.k,
-                    m[f"eval/avg_at_{cfg.eval.k}"], cfg.eval.k, m[f"eval/pass_at_{cfg.eval.k}"], m["eval/pass_at_1"])
+        k = int(m["eval/k"])
+        logger.info("eval step %d: avg@%d %.3f | pass@%d %.3f | pass@1 %.3f", step, k,
+                    m[f"eval/avg_at_{k}"], k, m[f"eval/pass_at_{k}"], m["eval/pass_at_1"])
         return m
 
     steps = cfg.trainer.steps
@@ -162,11 +163,12 @@ def _train(cfg, config: dict, rdir: Path, state: RunState, run_id: str, client, 
         timings["update"] += metrics["time/update_s"] + metrics["time/weight_sync_s"]
         tracking.log_metrics(cfg, run_id, metrics, step)
         logger.info("step %d/%d | reward %.3f | pass %.3f | len %.1f | loss %.4f | gnorm %.3f | "
-                    "w_neg %.3f | lld %.4f | %.1fs rollout %.1fs update", step, steps,
+                    "w_neg %.3f | lld %.4f | sampler dlogp %.1e | %.1fs rollout %.1fs update", step, steps,
                     metrics["train/reward_mean"], metrics["train/pass_rate"], metrics["train/response_length"],
                     metrics["train/loss"], metrics["train/grad_norm"], metrics.get("train/resrl/weight_mean",
                                                                                    float("nan")),
-                    metrics["train/lld"], metrics["time/rollout_s"], metrics["time/update_s"])
+                    metrics["train/lld"], metrics.get("train/sampler_logp_diff_max", float("nan")),
+                    metrics["time/rollout_s"], metrics["time/update_s"])
         if upd["checkpoint"]:  # commit only after the metrics are logged (see update_policy)
             state.step = step
             state.save(rdir)

@@ -22,6 +22,9 @@ class RolloutBatch:
     scores: torch.Tensor             # (B,) float, the verifier's raw score
     group_ids: torch.Tensor          # (B,) long: samples of one prompt share an id
     texts: list[str] = field(default_factory=list)
+    # the sampler's log-prob of each response token (aligned with response_ids; NaN where it
+    # has none, e.g. an empty response replaced by EOS); None when the sampler gave none
+    sampler_logp: list[list[float]] | None = None
 
     def __len__(self) -> int:
         return len(self.response_ids)
@@ -35,12 +38,23 @@ class RolloutBatch:
         rows = [int(r) for r in rows]
         return RolloutBatch([self.prompt_ids[r] for r in rows], [self.response_ids[r] for r in rows],
                             self.rewards[rows], self.scores[rows], self.group_ids[rows],
-                            [self.texts[r] for r in rows] if self.texts else [])
+                            [self.texts[r] for r in rows] if self.texts else [],
+                            [self.sampler_logp[r] for r in rows] if self.sampler_logp is not None else None)
 
     def response_mask(self) -> torch.Tensor:
         T = max((len(r) for r in self.response_ids), default=0)
         lengths = torch.tensor([len(r) for r in self.response_ids])
         return torch.arange(T)[None, :] < lengths[:, None]
+
+    def sampler_logp_tensor(self) -> torch.Tensor | None:
+        """(B, T) sampler log-probs, NaN outside the responses (and where the sampler gave none)."""
+        if self.sampler_logp is None:
+            return None
+        mask = self.response_mask()
+        out = torch.full(mask.shape, float("nan"))
+        for i, lp in enumerate(self.sampler_logp):
+            out[i, :len(lp)] = torch.tensor(lp, dtype=torch.float)
+        return out
 
     # ------------------------------------------------------------------ disk
     def save(self, path: Path) -> Path:
@@ -49,11 +63,12 @@ class RolloutBatch:
                     torch.tensor([len(s) for s in seqs], dtype=torch.long))
         p_flat, p_len = flat(self.prompt_ids)
         r_flat, r_len = flat(self.response_ids)
+        tensors = {"prompt_flat": p_flat, "prompt_len": p_len, "response_flat": r_flat, "response_len": r_len,
+                   "rewards": self.rewards.float(), "scores": self.scores.float(), "group_ids": self.group_ids.long()}
+        if self.sampler_logp is not None:
+            tensors["sampler_logp_flat"] = torch.tensor([x for s in self.sampler_logp for x in s], dtype=torch.float)
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"prompt_flat": p_flat, "prompt_len": p_len, "response_flat": r_flat, "response_len": r_len,
-                   "rewards": self.rewards.float(), "scores": self.scores.float(),
-                   "group_ids": self.group_ids.long()},
-                  str(path), metadata={"texts": json.dumps(self.texts)})
+        save_file(tensors, str(path), metadata={"texts": json.dumps(self.texts)})
         return path
 
     @classmethod
@@ -66,8 +81,9 @@ class RolloutBatch:
 
         def unflat(flat, lengths):
             return [s.tolist() for s in torch.split(flat, lengths.tolist())]
+        sampler = unflat(t["sampler_logp_flat"], t["response_len"]) if "sampler_logp_flat" in t else None
         return cls(unflat(t["prompt_flat"], t["prompt_len"]), unflat(t["response_flat"], t["response_len"]),
-                   t["rewards"], t["scores"], t["group_ids"], texts)
+                   t["rewards"], t["scores"], t["group_ids"], texts, sampler)
 
 
 def pack(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:

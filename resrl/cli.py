@@ -65,8 +65,8 @@ def _train(args) -> int:
               "Start a new one with run.name=... or change the config.")
     else:
         ev = result["final_eval"]
-        k = cfg.eval.k
         if ev:
+            k = int(ev["eval/k"])
             print(f"final eval: avg@{k} {ev[f'eval/avg_at_{k}']:.3f} | pass@1 {ev['eval/pass_at_1']:.3f} | "
                   f"pass@{k} {ev[f'eval/pass_at_{k}']:.3f}")
         t = result["timings"]

@@ -200,6 +200,7 @@ def validate(cfg: DictConfig) -> None:
     _require(loss.kl_coef >= 0, "loss.kl_coef must be >= 0.")
     _require(t.steps >= 0, f"trainer.steps must be >= 0, got {t.steps}.")
     _require(t.lr > 0, f"trainer.lr must be > 0, got {t.lr}.")
+    _require(t.adam_eps > 0, f"trainer.adam_eps must be > 0, got {t.adam_eps}.")
     _require(t.mini_batches >= 1 and t.epochs >= 1 and t.micro_batch_size >= 1,
              "trainer.mini_batches, trainer.epochs and trainer.micro_batch_size must be >= 1.")
     batch = r.prompts_per_step * r.n
@@ -210,6 +211,7 @@ def validate(cfg: DictConfig) -> None:
     _require(t.device in ("auto", "cpu", "cuda"), f"trainer.device must be auto, cpu or cuda, got '{t.device}'.")
     _require(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "trainer.betas must be two numbers in [0, 1).")
     _require(e.k >= 1, f"eval.k must be >= 1, got {e.k}.")
+    _require(e.final_k is None or e.final_k >= 1, f"eval.final_k must be >= 1 or null, got {e.final_k}.")
     _require(e.every >= 1, f"eval.every must be >= 1, got {e.every}.")
     _require(e.num_prompts is None or e.num_prompts >= 1, "eval.num_prompts must be >= 1 or null.")
     _require(cfg.model.dtype in ("auto", "float32", "bfloat16", "float16"),
@@ -223,6 +225,12 @@ def validate(cfg: DictConfig) -> None:
     _require(s.max_operand >= 1 and s.num_train >= 1 and s.num_test >= 1,
              "data.synthetic.max_operand, num_train and num_test must be >= 1.")
     _require(len(s.ops) >= 1 and set(s.ops) <= set("+-*"), "data.synthetic.ops must use only + - *.")
+    from resrl.synthetic import FLAWS
+    _require(s.flaw in FLAWS, f"data.synthetic.flaw must be one of {', '.join(FLAWS)}, got '{s.flaw}'.")
+    _require(0.0 <= s.flawed_fraction <= 1.0,
+             f"data.synthetic.flawed_fraction must be in [0, 1], got {s.flawed_fraction}.")
+    _require(s.flaw == "none" or s.max_terms >= 3,
+             f"data.synthetic.flaw={s.flaw} needs problems of >= 3 terms (two steps); max_terms is {s.max_terms}.")
     ls = cfg.reward.length_scale
     _require(0 <= ls.end_scale <= 1, "reward.length_scale.end_scale must be in [0, 1].")
     _require(ls.start_tokens >= 0, "reward.length_scale.start_tokens must be >= 0.")

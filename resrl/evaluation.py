@@ -23,7 +23,7 @@ def score_samples(reward_fn, rows, outputs) -> tuple[list[float], int]:
         extra = row.get("extra_info")
         if isinstance(extra, str):  # stored as JSON text in the prepared dataset; rewards get a dict
             extra = json.loads(extra) if extra else None
-        for _, text in samples:
+        for _, text, *_ in samples:
             try:
                 scores.append(float(reward_fn(row["data_source"], text, row["answer"], extra)))
             except Exception:  # noqa: BLE001 - a broken reward never stops a run
@@ -33,22 +33,30 @@ def score_samples(reward_fn, rows, outputs) -> tuple[list[float], int]:
     return scores, errors
 
 
-def evaluate(engine, test_set, eval_cfg, reward_fn, seed: int, step: int) -> tuple[dict[str, float], list[dict]]:
-    """Metrics (keys `eval/...`) and up to `num_logged_samples` sample rows."""
+def eval_k(eval_cfg, final: bool) -> int:
+    """Samples per held-out prompt: `eval.final_k` for the run's last evaluation when set, else `eval.k`."""
+    return eval_cfg.final_k if final and eval_cfg.final_k else eval_cfg.k
+
+
+def evaluate(engine, test_set, eval_cfg, reward_fn, seed: int, step: int, *, final: bool = False
+             ) -> tuple[dict[str, float], list[dict]]:
+    """Metrics (keys `eval/...`: avg_at_K, pass_at_1..K with K = eval_k(...)) and up to
+    `num_logged_samples` sample rows."""
     e = eval_cfg
+    k = eval_k(e, final)
     t0 = time.time()
     n_prompts = len(test_set) if e.num_prompts is None else min(e.num_prompts, len(test_set))
     rows = [test_set[i] for i in range(n_prompts)]
-    outputs = engine.generate([row["prompt_token_ids"] for row in rows], n=e.k, temperature=e.temperature,
+    outputs = engine.generate([row["prompt_token_ids"] for row in rows], n=k, temperature=e.temperature,
                               top_p=e.top_p, top_k=-1, max_tokens=e.max_tokens,
                               seed=seed * 1_000_003 + EVAL_SEED_OFFSET)
     scores, errors = score_samples(reward_fn, rows, outputs)
-    correct = [[s >= 0.5 for s in scores[i * e.k:(i + 1) * e.k]] for i in range(n_prompts)]
-    texts = [[text for _, text in samples] for samples in outputs]
-    metrics = {f"eval/avg_at_{e.k}": avg_at_k(correct)}
-    metrics.update({f"eval/pass_at_{j}": v for j, v in pass_at_k_table(correct, e.k).items()})
+    correct = [[s >= 0.5 for s in scores[i * k:(i + 1) * k]] for i in range(n_prompts)]
+    texts = [[text for _, text, *_ in samples] for samples in outputs]
+    metrics = {f"eval/avg_at_{k}": avg_at_k(correct), "eval/k": float(k)}
+    metrics.update({f"eval/pass_at_{j}": v for j, v in pass_at_k_table(correct, k).items()})
     metrics.update({f"eval/{k}": v for k, v in diversity(texts).items()})
-    metrics["eval/response_length"] = sum(len(ids) for s in outputs for ids, _ in s) / (n_prompts * e.k)
+    metrics["eval/response_length"] = sum(len(ids) for s in outputs for ids, *_ in s) / (n_prompts * k)
     metrics["eval/reward_errors"] = float(errors)
     metrics["time/eval_s"] = time.time() - t0
     samples = []

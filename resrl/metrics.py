@@ -51,3 +51,23 @@ def diversity(responses_per_prompt: Sequence[Sequence[str]]) -> dict[str, float]
         bigram.append(len(set(grams)) / len(grams) if grams else 0.0)
     n = len(responses_per_prompt)
     return {"distinct_responses": sum(distinct) / n, "distinct_2": sum(bigram) / n}
+
+
+def sampler_agreement(trainer_logp, sampler_logp, mask) -> dict[str, float]:
+    """How far the trainer's log-probs of the sampled tokens are from the sampler's.
+
+    All (B, T); `sampler_logp` is NaN where the sampler gave none. Returns the mean and
+    max absolute difference and the mean token importance ratio pi_trainer / pi_sampler
+    (1 when they agree; verl and TRL log the same figure to catch a stale weight sync or
+    a numerics mismatch between the inference engine and the trainer).
+    """
+    import torch
+
+    valid = mask.bool() & ~torch.isnan(sampler_logp)
+    if not bool(valid.any()):
+        nan = float("nan")
+        return {"sampler_logp_diff_mean": nan, "sampler_logp_diff_max": nan, "sampler_ratio_mean": nan}
+    diff = (trainer_logp.double() - sampler_logp.double())[valid]
+    return {"sampler_logp_diff_mean": float(diff.abs().mean()),
+            "sampler_logp_diff_max": float(diff.abs().max()),
+            "sampler_ratio_mean": float(diff.clamp(-20, 20).exp().mean())}

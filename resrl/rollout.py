@@ -26,7 +26,10 @@ class RolloutEngine:
 
         kwargs = dict(model=str(model_path), dtype=dtype, seed=seed, max_model_len=max_model_len,
                       enforce_eager=bool(rollout_cfg.enforce_eager), max_num_seqs=rollout_cfg.max_num_seqs,
-                      enable_prefix_caching=True)
+                      enable_prefix_caching=True,
+                      # log-probs of the distribution actually sampled (after temperature/top-k/top-p),
+                      # the one the trainer's old log-probs must agree with
+                      logprobs_mode="processed_logprobs")
         if on_cuda():
             kwargs["gpu_memory_utilization"] = float(rollout_cfg.gpu_memory_utilization)
         else:
@@ -50,8 +53,9 @@ class RolloutEngine:
         return cls(policy_dir, cfg.rollout, dtype=dtype, max_model_len=longest_prompt + max_new, seed=cfg.seed)
 
     def generate(self, prompt_token_ids: list[list[int]], *, n: int, temperature: float, top_p: float,
-                 top_k: int, max_tokens: int, seed: int):
-        """n samples per prompt. Returns, per prompt, a list of (token_ids, text).
+                 top_k: int, max_tokens: int, seed: int, logprobs: bool = False):
+        """n samples per prompt. Returns, per prompt, a list of (token_ids, text, logprobs):
+        with `logprobs=True` the sampler's log-prob of each sampled token, else None.
 
         Each prompt gets its own sampling seed (seed + index), so a step's rollouts
         are reproducible and independent of how prompts are batched.
@@ -60,11 +64,14 @@ class RolloutEngine:
         from vllm.inputs import TokensPrompt
 
         params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=top_k if top_k > 0 else -1,
-                                 max_tokens=max_tokens, seed=seed + i, skip_special_tokens=True)
+                                 max_tokens=max_tokens, seed=seed + i, skip_special_tokens=True,
+                                 logprobs=0 if logprobs else None)
                   for i in range(len(prompt_token_ids))]
         prompts = [TokensPrompt(prompt_token_ids=list(p)) for p in prompt_token_ids]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        return [[(list(c.token_ids), c.text) for c in out.outputs] for out in outputs]
+        def sampled(c):  # logprobs=0: each position holds the sampled token (and nothing else)
+            return [pos[t].logprob for pos, t in zip(c.logprobs, c.token_ids)] if logprobs else None
+        return [[(list(c.token_ids), c.text, sampled(c)) for c in out.outputs] for out in outputs]
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy new policy weights into the running engine."""

@@ -55,6 +55,7 @@ class TrainingSession:
 
         hf_logging.disable_progress_bar()  # a bar per checkpoint save would drown the step lines
         self.cfg = cfg
+        self.policy_dir = policy_dir
         data = load_prepared(Path(prepared["dataset_dir"]))
         self.train_set, self.test_set = data["train"], data["test"]
         self.reward_fn = load_reward_function(cfg.reward.function)
@@ -87,13 +88,14 @@ class TrainingSession:
         rows = [self.train_set[i] for i in idx]
         outputs = self.engine.generate([row["prompt_token_ids"] for row in rows], n=r.n, temperature=r.temperature,
                                        top_p=r.top_p, top_k=r.top_k, max_tokens=r.max_tokens,
-                                       seed=cfg.seed * 1_000_003 + step * 10_007)
+                                       seed=cfg.seed * 1_000_003 + step * 10_007, logprobs=True)
         scores, errors = score_samples(self.reward_fn, rows, outputs)
-        prompt_ids, response_ids, texts, group_ids = [], [], [], []
+        prompt_ids, response_ids, texts, group_ids, sampler_logp = [], [], [], [], []
         for g, (row, samples) in enumerate(zip(rows, outputs)):
-            for ids, text in samples:
+            for ids, text, logp in samples:
                 prompt_ids.append(row["prompt_token_ids"])
                 response_ids.append(ids if ids else [self.eos_id])
+                sampler_logp.append(logp if ids else [float("nan")])
                 texts.append(text)
                 group_ids.append(g)
         scores_t = torch.tensor(scores)
@@ -103,7 +105,8 @@ class TrainingSession:
             for i, ids in enumerate(response_ids):
                 if scores[i] >= 0.5:
                     rewards[i] *= length_scale(len(ids), ls.start_tokens, r.max_tokens, ls.end_scale)
-        batch = RolloutBatch(prompt_ids, response_ids, rewards, scores_t, torch.tensor(group_ids), texts)
+        batch = RolloutBatch(prompt_ids, response_ids, rewards, scores_t, torch.tensor(group_ids), texts,
+                             sampler_logp)
         lengths = torch.tensor([len(x) for x in response_ids], dtype=torch.float)
         correct = batch.correct.view(len(rows), r.n).float()
         group_rate = correct.mean(1)
@@ -128,9 +131,9 @@ class TrainingSession:
         metrics["time/weight_sync_s"] = time.time() - t1
         return metrics
 
-    def evaluate(self, step: int) -> tuple[dict[str, float], list[dict]]:
+    def evaluate(self, step: int, final: bool = False) -> tuple[dict[str, float], list[dict]]:
         """Avg@k, Pass@1,2,4..k and diversity on the held-out prompts; plus sample rows."""
-        return evaluate(self.engine, self.test_set, self.cfg.eval, self.reward_fn, self.cfg.seed, step)
+        return evaluate(self.engine, self.test_set, self.cfg.eval, self.reward_fn, self.cfg.seed, step, final=final)
 
     def save_checkpoint(self, ckpt_dir: Path, step: int) -> None:
         self.trainer.save_checkpoint(ckpt_dir, step)

@@ -30,6 +30,7 @@ import torch
 from resrl.algorithms import ResidualStats, get_algorithm, policy_loss, token_coefficients
 from resrl.algorithms.advantages import resrl_token_weights
 from resrl.batch import RolloutBatch, pack
+from resrl.metrics import sampler_agreement
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,12 @@ def init_distributed(device: str) -> None:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl")
+
+
+def response_logits(logits: torch.Tensor, T: int) -> torch.Tensor:
+    """The logits that score response tokens 0..T-1, from the last T + 1 positions of a
+    packed batch (prompt left-padded to P): position P - 1 + t predicts token t."""
+    return logits[:, :T]
 
 
 @contextlib.contextmanager
@@ -134,7 +141,7 @@ class PolicyTrainer:
             "train_micro_batch_size_per_gpu": min(t.micro_batch_size, mini),
             "gradient_accumulation_steps": max(1, math.ceil(mini / t.micro_batch_size)),
             "gradient_clipping": t.grad_clip,
-            "optimizer": {"type": "AdamW", "params": {"lr": t.lr, "betas": list(t.betas), "eps": 1e-8,
+            "optimizer": {"type": "AdamW", "params": {"lr": t.lr, "betas": list(t.betas), "eps": t.adam_eps,
                                                       "weight_decay": t.weight_decay, "torch_adam": True}},
             "zero_optimization": {"stage": self.zero_stage},
             "bf16": {"enabled": self.dtype == torch.bfloat16},
@@ -161,8 +168,9 @@ class PolicyTrainer:
             else contextlib.nullcontext({})
         with ctx as box:
             out = model(**inputs, use_cache=False, logits_to_keep=T + 1)
-        logits = out.logits[:, :T].float() / self.cfg.rollout.temperature if self.cfg.rollout.temperature > 0 \
-            else out.logits[:, :T].float()
+        logits = response_logits(out.logits, T).float()
+        if self.cfg.rollout.temperature > 0:  # score the distribution the sampler drew from
+            logits = logits / self.cfg.rollout.temperature
         logprobs = logits.log_softmax(-1)
         targets = inputs["input_ids"][:, P:P + T]
         logp = logprobs.gather(-1, targets[..., None]).squeeze(-1)
@@ -240,32 +248,38 @@ class PolicyTrainer:
         adv = self.advantages(batch, scored)
         mask = batch.response_mask()
         agg = self.algorithm.effective_loss_agg(cfg.loss.agg)
-        B = len(batch)
-        mini = B // t.mini_batches
+        train_rows = torch.arange(len(batch))
+        if self.algorithm.skip_zero_advantage:  # PSR/NSR: only their own samples enter the update
+            train_rows = (adv != 0).any(dim=1).nonzero().flatten()
         gen = torch.Generator().manual_seed(cfg.seed * 7_919 + step)
-        sums: dict[str, float] = {}
+        sums: dict[str, float] = {"tokens": 0.0, "pg_loss": 0.0, "clip_frac": 0.0, "approx_kl": 0.0, "entropy": 0.0}
         losses, grad_norms = [], []
-        for _ in range(t.epochs):
-            perm = torch.randperm(B, generator=gen)
-            for m in range(t.mini_batches):
-                rows = perm[m * mini:(m + 1) * mini]
+        for _ in range(t.epochs if len(train_rows) else 0):
+            perm = train_rows[torch.randperm(len(train_rows), generator=gen)]
+            for rows in torch.tensor_split(perm, t.mini_batches):
+                if not len(rows):
+                    continue
                 coef = torch.zeros(mask.shape)  # (B, T), non-zero only on this mini-batch
                 coef[rows] = token_coefficients(mask[rows], agg, max_len=cfg.rollout.max_tokens)
                 loss, norm = self._optimizer_step(batch, rows, coef, scored, adv, sums)
                 losses.append(loss)
                 grad_norms.append(norm)
+        n_updates = max(len(losses), 1)
         metrics = {
-            "loss": sum(losses) / len(losses),
-            "grad_norm": sum(grad_norms) / len(grad_norms),
+            "loss": sum(losses) / n_updates,
+            "grad_norm": sum(grad_norms) / n_updates,
             "lr": self.scheduler.get_last_lr()[0],
+            "update_samples": float(len(train_rows)),
         }
-        tokens = max(sums.pop("tokens"), 1.0)
-        n_updates = len(losses)
+        tokens = sums.pop("tokens")
         metrics["pg_loss"] = sums.pop("pg_loss") / n_updates
-        metrics.update({k: v / tokens for k, v in sums.items()})
+        metrics.update({k: v / tokens if tokens else float("nan") for k, v in sums.items()})
         metrics.update(self._advantage_stats(adv, mask, batch))
         metrics.update(scored.stats.as_dict())
         metrics["lld"] = self.likelihood_displacement(batch, scored.logp)
+        sampler = batch.sampler_logp_tensor()
+        if sampler is not None:  # the old log-probs come from the trainer; check them against vLLM's
+            metrics.update(sampler_agreement(scored.logp, sampler, mask))
         return metrics
 
     def _optimizer_step(self, batch, rows, coef, scored, adv, sums):

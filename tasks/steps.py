@@ -79,17 +79,17 @@ def update_policy(config: dict, prepared: dict, rollouts: str, step: int) -> dic
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate_policy(config: dict, prepared: dict, step: int) -> dict:
+def evaluate_policy(config: dict, prepared: dict, step: int, final: bool = False) -> dict:
     """Avg@k / Pass@k on held-out prompts; sample table and Pass@k plot written to the run folder."""
     from resrl.plots import plot_pass_at_k
 
     cfg = from_dict(config)
     session, started = _session(config, prepared)
-    metrics, samples = session.evaluate(step)
+    metrics, samples = session.evaluate(step, final=final)
     metrics.update(started)
     out = eval_dir(run_dir(cfg), step)
     out.mkdir(parents=True, exist_ok=True)
     (out / "samples.json").write_text(json.dumps(samples, indent=1))
-    table = {int(k.rsplit("_", 1)[1]): v for k, v in metrics.items() if k.startswith("eval/pass_at_")}
+    table = {int(name.rsplit("_", 1)[1]): v for name, v in metrics.items() if name.startswith("eval/pass_at_")}
     plot_pass_at_k({f"step {step}": table}, out / "pass_at_k.png", title=f"Pass@k, step {step}")
     return {"metrics": metrics, "dir": str(out)}

@@ -111,6 +111,9 @@ def test_kl_estimators_by_hand():
     assert float(kl_estimate(logp, ref, "k1")) == pytest.approx(0.5)
     assert float(kl_estimate(logp, ref, "k2")) == pytest.approx(0.125)
     assert float(kl_estimate(logp, ref, "k3")) == pytest.approx(math.exp(-0.5) + 0.5 - 1)
+    # k3 is clamped to [-10, 10] as verl's low_var_kl: exp(15) - 15 - 1 would be ~3.3e6
+    far = kl_estimate(torch.tensor([-20.0], requires_grad=True), torch.tensor([-5.0]), "k3")
+    assert float(far.detach()) == 10.0
 
 
 def test_length_scale_by_hand():

@@ -8,6 +8,7 @@ import torch
 from resrl.data import load_prepared
 from resrl.prepare import prepare
 from resrl.rewards import compute_score
+from resrl.metrics import sampler_agreement
 from resrl.synthetic import generate_rows
 
 
@@ -24,8 +25,10 @@ def test_prepared_dataset(smoke_prepared, smoke_cfg):
     tok = AutoTokenizer.from_pretrained(smoke_prepared["policy_dir"])
     for row in ds["train"].select(range(20)):
         assert tok.decode(row["prompt_token_ids"]) == row["prompt"]
-        # the generator's worked solution passes the (independent) verifier
-        assert compute_score(row["data_source"], row["solution"], row["answer"]) == 1.0
+        # the verifier accepts a demonstration exactly when it ends on the expression's value
+        # (an independent eval); the flawed ones (test below) end on another number
+        right = row["solution"].endswith(f"#### {eval(row['prompt'].split('=?')[0].split()[-1])}")
+        assert compute_score(row["data_source"], row["solution"], row["answer"]) == float(right)
         assert compute_score(row["data_source"], row["solution"].replace(f"#### {row['answer']}", "#### 99999"),
                              row["answer"]) == 0.0
 
@@ -41,6 +44,32 @@ def test_synthetic_rows_are_deterministic(smoke_cfg):
     a = generate_rows(smoke_cfg.data.synthetic, seed=1)
     assert a == generate_rows(smoke_cfg.data.synthetic, seed=1)
     assert a != generate_rows(smoke_cfg.data.synthetic, seed=2)
+
+
+def test_warmstart_demonstrations_mix_the_flawed_procedure(smoke_cfg):
+    """Train demonstrations: the correct worked solution, or (flawed_fraction of them) the same
+    opening steps with the last term left out; answers and held-out solutions always correct."""
+    import re
+
+    rows = generate_rows(smoke_cfg.data.synthetic, seed=0)
+    flawed = 0
+    for split in ("train", "test"):
+        for row in rows[split]:
+            expr = row["question"].removesuffix("=?")
+            assert row["answer"] == str(eval(expr))  # an independent evaluation of the expression
+            work, final = row["solution"].split(". #### ")
+            steps = re.findall(r"(-?\d+)([+*-])(\d+)=(-?\d+)", work)
+            assert all(eval(a + op + b) == int(c) for a, op, b, c in steps)  # every written step is right
+            assert final == steps[-1][3]
+            terms = len(re.findall(r"\d+", expr))
+            if len(steps) == terms - 1:  # the whole procedure
+                assert final == row["answer"]
+            else:                        # the flawed one: stops one step early
+                assert split == "train" and len(steps) == terms - 2 >= 1
+                assert final == str(eval(re.sub(r"[+*-]\d+$", "", expr)))  # the value without the last term
+                flawed += 1
+    share = flawed / len(rows["train"])
+    assert abs(share - smoke_cfg.data.synthetic.flawed_fraction) < 0.05
 
 
 def test_rollouts(session, smoke_cfg):
@@ -63,23 +92,6 @@ def test_rollouts(session, smoke_cfg):
     assert again.response_ids == batch.response_ids  # per-prompt seeds: reproducible
 
 
-def _vllm_and_trainer_logprobs(session, rows):
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    outs = session.engine.llm.generate([TokensPrompt(prompt_token_ids=p) for p in rows],
-                                       SamplingParams(n=2, temperature=1.0, max_tokens=24, seed=3, logprobs=0),
-                                       use_tqdm=False)
-    prompts, responses, vllm_lp = [], [], []
-    for p, o in zip(rows, outs):
-        for c in o.outputs:
-            prompts.append(p)
-            responses.append(list(c.token_ids))
-            vllm_lp.append([d[t].logprob for d, t in zip(c.logprobs, c.token_ids)])
-    lp, _, _, _ = session.trainer._forward(session.trainer.engine, prompts, responses)
-    return max(abs(v - float(lp[i, j].detach())) for i, seq in enumerate(vllm_lp) for j, v in enumerate(seq))
-
-
 def test_update_changes_weights_and_syncs_them_into_vllm(session):
     batch, _ = session.rollout(2)
     before = {k: v.clone() for k, v in session.trainer.named_weights()}
@@ -90,8 +102,10 @@ def test_update_changes_weights_and_syncs_them_into_vllm(session):
         assert math.isfinite(metrics[key]), key
     assert 0 <= metrics["train/clip_frac"] <= 1
     assert 0.1 <= metrics["train/resrl/weight_min"] <= metrics["train/resrl/weight_mean"] <= 1
-    prompts = [session.test_set[i]["prompt_token_ids"] for i in range(4)]
-    assert _vllm_and_trainer_logprobs(session, prompts) < 1e-3  # vLLM samples from the updated policy
+    assert metrics["train/sampler_logp_diff_max"] < 1e-3  # the batch was sampled from the trainer's policy
+    fresh, _ = session.rollout(3)  # vLLM samples from the updated policy
+    gap = sampler_agreement(session.trainer.score(fresh).logp, fresh.sampler_logp_tensor(), fresh.response_mask())
+    assert gap["sampler_logp_diff_max"] < 1e-3
 
 
 def test_evaluate(session, smoke_cfg):

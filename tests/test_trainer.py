@@ -166,3 +166,24 @@ def test_every_algorithm_updates_through_the_same_trainer(micro_model, name):
     seq = t.algorithm.advantages(batch.rewards, batch.correct, batch.group_ids, t.cfg.algorithm)
     applied = not torch.allclose(t.advantages(batch, scored), seq[:, None] * batch.response_mask())
     assert applied == (name == "resrl")  # only ResRL applies the token weights
+
+
+@pytest.mark.parametrize("name, sign", [("psr", -1.0), ("nsr", 1.0)])
+def test_psr_and_nsr_train_on_their_own_samples_only(micro_model, name, sign):
+    """RLVR-Decomposed drops the other samples: the token mean runs over the kept samples only.
+    On-policy (ratio 1) the loss is then exactly -1 (PSR) or +1 (NSR), whatever the pass rate,
+    and the update equals one on the batch holding only those samples."""
+    batch = make_batch(seed=8)
+    own = batch.correct if name == "psr" else ~batch.correct
+    assert 0 < int(own.sum()) < len(batch)
+    full = trainer_for(micro_model, f"algorithm.name={name}", "trainer.mini_batches=1")
+    metrics = full.train_step(batch, 1)
+    assert metrics["update_samples"] == int(own.sum())
+    assert metrics["loss"] == pytest.approx(sign, abs=1e-6)
+    subset = trainer_for(micro_model, f"algorithm.name={name}", "trainer.mini_batches=1")
+    subset.train_step(batch.select(own.nonzero().flatten()), 1)
+    want = dict(subset.named_weights())
+    for k, v in full.named_weights():
+        torch.testing.assert_close(v, want[k], atol=1e-6, rtol=1e-5)
+    grpo = trainer_for(micro_model, "algorithm.name=grpo", "trainer.mini_batches=1")
+    assert grpo.train_step(batch, 1)["update_samples"] == len(batch)  # group algorithms keep every sample

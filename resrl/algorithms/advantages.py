@@ -40,13 +40,16 @@ def dr_grpo_advantages(rewards, correct, group_ids, params):
     return torch.where(count > 1, adv, torch.zeros_like(adv))
 
 
-@register_algorithm("psr", needs_groups=False)
+# PSR and NSR train on their own samples only: RLVR-Decomposed (the authors' code) takes
+# the subset of correct (PSR) or incorrect (NSR) samples before the update, so the others
+# do not count in the loss's token mean.
+@register_algorithm("psr", needs_groups=False, skip_zero_advantage=True)
 def psr_advantages(rewards, correct, group_ids, params):
     """PSR: train on correct samples only (+1), incorrect ones get 0."""
     return correct.to(rewards.dtype)
 
 
-@register_algorithm("nsr", needs_groups=False)
+@register_algorithm("nsr", needs_groups=False, skip_zero_advantage=True)
 def nsr_advantages(rewards, correct, group_ids, params):
     """NSR: train on incorrect samples only (-1), correct ones get 0."""
     return -(~correct).to(rewards.dtype)

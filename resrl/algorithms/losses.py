@@ -43,9 +43,9 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) -> torch.
         return log_ratio
     if kind == "k2":
         return 0.5 * log_ratio.pow(2)
-    if kind == "k3":
+    if kind == "k3":  # clamped to [-10, 10] as verl's "low_var_kl" (the log-ratio first, so exp stays finite)
         r = (-log_ratio).clamp(-20.0, 20.0)
-        return r.exp() - r - 1.0
+        return (r.exp() - r - 1.0).clamp(-10.0, 10.0)
     raise ValueError(f"unknown KL estimator {kind!r}; choose k1, k2 or k3")
 
 

@@ -28,7 +28,9 @@ class Algorithm:
     needs_groups: bool                       # uses group statistics: needs n >= 2 samples per prompt
     token_weights: Optional[TokenWeightFn] = None
     loss_agg: Optional[str] = None           # forces this loss aggregation when set
-    summary: str = ""
+    # train only on samples whose advantage is non-zero: the others leave the batch (and
+    # the loss denominator) instead of diluting it by the pass rate
+    skip_zero_advantage: bool = False
 
     def effective_loss_agg(self, configured: str) -> str:
         return self.loss_agg or configured
@@ -38,13 +40,12 @@ ALGORITHMS: dict[str, Algorithm] = {}
 
 
 def register_algorithm(name: str, *, needs_groups: bool, token_weights: Optional[TokenWeightFn] = None,
-                       loss_agg: Optional[str] = None):
+                       loss_agg: Optional[str] = None, skip_zero_advantage: bool = False):
     """Decorator: register an advantage function under `name`."""
     def wrap(fn: AdvantageFn) -> AdvantageFn:
         if name in ALGORITHMS:
             raise ValueError(f"algorithm {name!r} is already registered")
-        ALGORITHMS[name] = Algorithm(name, fn, needs_groups, token_weights, loss_agg,
-                                     (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else "")
+        ALGORITHMS[name] = Algorithm(name, fn, needs_groups, token_weights, loss_agg, skip_zero_advantage)
         return fn
     return wrap
 
