@@ -1,0 +1,124 @@
+"""Does RL learn on the embedded testbed? The main job, per algorithm and seed, measured.
+
+    python benchmarks/learning.py [--algorithms grpo resrl] [--seeds 0 1 2]
+                                  [--plot docs/learning_curve.png] [key=value ...]
+
+Runs `resrl train` as a user would (the default config, one key changed:
+`algorithm.name`, and `seed`), in a fresh cache, so the first run of each seed builds
+the embedded model, data and warm-start, and its wall time is the main job's on a new
+machine (set-up of .venv excluded). Then reads held-out pass@1 per evaluation step
+from each MLflow run and prints, per algorithm, the gain over the warm-start (final
+step minus step 0) as the mean over seeds with a two-sided 95 % Student-t interval,
+and plots the learning curves (mean and interval band per algorithm).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def run_one(algorithm: str, seed: int, base: Path, overrides: list[str]) -> dict:
+    from mlflow.tracking import MlflowClient
+
+    from resrl.config import load_config, run_dir
+    from tasks.tracking import tracking_uri
+
+    args = [f"algorithm.name={algorithm}", f"seed={seed}", f"run.cache_dir={base}/cache",
+            f"run.output_dir={base}/outputs", *overrides]
+    env = dict(os.environ)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-m", "resrl.cli", "train", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    wall = time.time() - t0
+    if proc.returncode:
+        print(proc.stdout[-3000:], proc.stderr[-3000:])
+        raise SystemExit(f"resrl train {' '.join(args)} failed ({proc.returncode})")
+    cfg = load_config(None, args)
+    state = json.loads((run_dir(cfg) / "state.json").read_text())
+    client = MlflowClient(tracking_uri(cfg))
+    curve = {m.step: m.value for m in client.get_metric_history(state["mlflow_run_id"], "eval/pass_at_1")}
+    k = cfg.eval.k
+    final = client.get_run(state["mlflow_run_id"]).data.metrics
+    return {"algorithm": algorithm, "seed": seed, "wall_s": wall, "curve": dict(sorted(curve.items())),
+            f"pass_at_{k}": final[f"eval/pass_at_{k}"], "k": k,
+            "warmstart": "built" if "warm-start trained now" in proc.stdout + proc.stderr else "cached"}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--algorithms", nargs="+", default=["grpo", "resrl"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--plot", default=str(ROOT / "docs" / "learning_curve.png"))
+    ap.add_argument("--json", help="also write every run's figures here")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides for every run")
+    args = ap.parse_args()
+    from resrl.report import mean_ci95
+
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in args.seeds:
+            for algorithm in args.algorithms:
+                r = run_one(algorithm, seed, Path(tmp), args.overrides)
+                c = r["curve"]
+                print(f"{algorithm:12s} seed {seed}: {r['wall_s']:6.1f} s (warm-start {r['warmstart']}) | "
+                      "pass@1 " + " ".join(f"{s}:{v:.3f}" for s, v in c.items()), flush=True)
+                runs.append(r)
+    if args.json:
+        Path(args.json).write_text(json.dumps(runs, indent=1))
+
+    print("\nheld-out pass@1, mean over seeds ± 95 % t-interval")
+    print(f"{'algorithm':12s} {'seeds':>5s} {'start':>15s} {'final':>15s} {'gain':>15s} {'pass@k final':>15s} "
+          f"{'max wall s':>10s}")
+    curves = {}
+    for algorithm in args.algorithms:
+        rs = [r for r in runs if r["algorithm"] == algorithm]
+        start = [r["curve"][min(r["curve"])] for r in rs]
+        end = [r["curve"][max(r["curve"])] for r in rs]
+        gain = [e - s for s, e in zip(start, end)]
+        fmt = [mean_ci95(v) for v in (start, end, gain, [r[f"pass_at_{r['k']}"] for r in rs])]
+        print(f"{algorithm:12s} {len(rs):5d} " + " ".join(f"{m:7.3f} ± {h:5.3f}" for m, h, _ in fmt)
+              + f" {max(r['wall_s'] for r in rs):10.1f}")
+        lo = fmt[2][0] - fmt[2][1]
+        print(f"{'':12s} gain interval: [{lo:.3f}, {fmt[2][0] + fmt[2][1]:.3f}]"
+              f"{'  (above zero)' if lo > 0 else '  (includes zero)'}")
+        steps = sorted(set.intersection(*(set(r["curve"]) for r in rs)))
+        curves[algorithm] = (steps, [mean_ci95([r["curve"][s] for r in rs])[:2] for s in steps])
+    plot(curves, Path(args.plot), n_seeds=len(args.seeds))
+    print(f"\nlearning curves: {args.plot}")
+
+
+def plot(curves: dict, path: Path, n_seeds: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for algorithm, (steps, stats) in curves.items():
+        mean = [m for m, _ in stats]
+        half = [0.0 if h != h else h for _, h in stats]  # nan (one seed) -> no band
+        ax.plot(steps, mean, marker="o", label=algorithm)
+        ax.fill_between(steps, [m - h for m, h in zip(mean, half)], [m + h for m, h in zip(mean, half)], alpha=0.2)
+    ax.set_xlabel("RL step")
+    ax.set_ylabel("held-out pass@1")
+    ax.set_title(f"Embedded testbed, main job: mean of {n_seeds} seeds, 95 % interval")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
