@@ -60,20 +60,27 @@ def main():
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--plot", default=str(ROOT / "docs" / "learning_curve.png"))
     ap.add_argument("--json", help="also write every run's figures here")
+    ap.add_argument("--from-json", help="report and plot the runs a --json file holds, without training")
     ap.add_argument("overrides", nargs="*", help="key=value overrides for every run")
     args = ap.parse_args()
     from resrl.report import mean_ci95
 
     runs = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for seed in args.seeds:
-            for algorithm in args.algorithms:
-                r = run_one(algorithm, seed, Path(tmp), args.overrides)
-                c = r["curve"]
-                print(f"{algorithm:12s} seed {seed}: {r['wall_s']:6.1f} s (warm-start {r['warmstart']}) | "
-                      "pass@1 " + " ".join(f"{s}:{v:.3f}" for s, v in c.items()), flush=True)
-                runs.append(r)
-    if args.json:
+    if args.from_json:  # re-report earlier runs (e.g. a new plot) without training again
+        runs = json.loads(Path(args.from_json).read_text())
+        runs = [dict(r, curve={int(k): v for k, v in r["curve"].items()}) for r in runs]
+        args.algorithms = list(dict.fromkeys(r["algorithm"] for r in runs))
+        args.seeds = sorted({r["seed"] for r in runs})
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            for seed in args.seeds:
+                for algorithm in args.algorithms:
+                    r = run_one(algorithm, seed, Path(tmp), args.overrides)
+                    c = r["curve"]
+                    print(f"{algorithm:12s} seed {seed}: {r['wall_s']:6.1f} s (warm-start {r['warmstart']}) | "
+                          "pass@1 " + " ".join(f"{s}:{v:.3f}" for s, v in c.items()), flush=True)
+                    runs.append(r)
+    if args.json and not args.from_json:
         Path(args.json).write_text(json.dumps(runs, indent=1))
 
     print("\nheld-out pass@1, mean over seeds ± 95 % t-interval")
@@ -92,31 +99,46 @@ def main():
         print(f"{'':12s} gain interval: [{lo:.3f}, {fmt[2][0] + fmt[2][1]:.3f}]"
               f"{'  (above zero)' if lo > 0 else '  (includes zero)'}")
         steps = sorted(set.intersection(*(set(r["curve"]) for r in rs)))
-        curves[algorithm] = (steps, [mean_ci95([r["curve"][s] for r in rs])[:2] for s in steps])
+        curves[algorithm] = (steps, [[r["curve"][t] for t in steps] for r in rs])
     plot(curves, Path(args.plot), n_seeds=len(args.seeds))
     print(f"\nlearning curves: {args.plot}")
 
 
 def plot(curves: dict, path: Path, n_seeds: int) -> None:
+    """Left: held-out pass@1 per seed (thin) and their mean (thick). Right: the gain over each
+    seed's own start, mean and 95 % t-band (the seeds' warm-starts differ more than RL's effect)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from resrl.report import mean_ci95
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for algorithm, (steps, stats) in curves.items():
-        mean = [m for m, _ in stats]
-        half = [0.0 if h != h else h for _, h in stats]  # nan (one seed) -> no band
-        ax.plot(steps, mean, marker="o", label=algorithm)
-        ax.fill_between(steps, [m - h for m, h in zip(mean, half)], [m + h for m, h in zip(mean, half)], alpha=0.2)
-    ax.set_xlabel("RL step")
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 4))
+    for i, (algorithm, (steps, per_seed)) in enumerate(curves.items()):
+        color = f"C{i}"
+        for ys in per_seed:
+            ax.plot(steps, ys, color=color, alpha=0.35, lw=1)
+        ax.plot(steps, [sum(v) / len(v) for v in zip(*per_seed)], color=color, marker="o", lw=2, label=algorithm)
+        stats = [mean_ci95([ys[j] - ys[0] for ys in per_seed]) for j in range(len(steps))]
+        mean = [m for m, _, _ in stats]
+        half = [0.0 if h != h else h for _, h, _ in stats]  # nan (one seed) -> no band
+        bx.plot(steps, mean, color=color, marker="o", label=algorithm)
+        bx.fill_between(steps, [m - h for m, h in zip(mean, half)], [m + h for m, h in zip(mean, half)],
+                        color=color, alpha=0.2)
     ax.set_ylabel("held-out pass@1")
-    ax.set_title(f"Embedded testbed, main job: mean of {n_seeds} seeds, 95 % interval")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    ax.set_title(f"per seed (thin) and mean of {n_seeds} seeds", fontsize=10)
+    bx.axhline(0, color="k", lw=0.5)
+    bx.set_ylabel("gain over the warm-start")
+    bx.set_title(f"gain: mean of {n_seeds} seeds, 95 % t-interval", fontsize=10)
+    for a in (ax, bx):
+        a.set_xlabel("RL step")
+        a.grid(alpha=0.3)
+        a.legend()
+    fig.suptitle("Embedded testbed, the main job (`resrl train`, default config)", fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
