@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from resrl.rewards import is_correct
+
 
 @dataclass
 class RolloutBatch:
@@ -32,7 +34,7 @@ class RolloutBatch:
     @property
     def correct(self) -> torch.Tensor:
         """A sample is positive when its verifier score is at least 0.5."""
-        return self.scores >= 0.5
+        return is_correct(self.scores)
 
     def select(self, rows) -> "RolloutBatch":
         rows = [int(r) for r in rows]

@@ -24,7 +24,6 @@ from resrl import synthetic
 from resrl.rewards.math_equiv import last_boxed
 from resrl.rewards.numeric import gsm8k_ground_truth
 
-DATA_SOURCES = ("synthetic", "gsm8k", "math", "verl")
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow")
 
 
@@ -187,6 +186,7 @@ def adapt_verl(row: dict, index: int, split: str) -> dict:
 
 
 ADAPTERS = {"gsm8k": adapt_gsm8k, "math": adapt_math, "verl": adapt_verl}
+DATA_SOURCES = ("synthetic", *ADAPTERS)  # the generated task, then the adapters for files
 
 
 def adapt_split(rows: list[dict], source: str, split: str, summary: PrepSummary, max_bad: float) -> list[dict]:

@@ -8,9 +8,10 @@ from __future__ import annotations
 import json
 import time
 
+from resrl import seeds
 from resrl.metrics import avg_at_k, diversity, pass_at_k_table
+from resrl.rewards import is_correct
 
-EVAL_SEED_OFFSET = 999_983  # one fixed sampling seed for every evaluation of a run: comparable steps
 
 
 def score_samples(reward_fn, rows, outputs) -> tuple[list[float], int]:
@@ -49,9 +50,9 @@ def evaluate(engine, test_set, eval_cfg, reward_fn, seed: int, step: int, *, fin
     rows = [test_set[i] for i in range(n_prompts)]
     outputs = engine.generate([row["prompt_token_ids"] for row in rows], n=k, temperature=e.temperature,
                               top_p=e.top_p, top_k=-1, max_tokens=e.max_tokens,
-                              seed=seed * 1_000_003 + EVAL_SEED_OFFSET)
+                              seed=seeds.evaluation(seed))
     scores, errors = score_samples(reward_fn, rows, outputs)
-    correct = [[s >= 0.5 for s in scores[i * k:(i + 1) * k]] for i in range(n_prompts)]
+    correct = [[is_correct(s) for s in scores[i * k:(i + 1) * k]] for i in range(n_prompts)]
     texts = [[text for _, text, *_ in samples] for samples in outputs]
     metrics = {f"eval/avg_at_{k}": avg_at_k(correct), "eval/k": float(k)}
     metrics.update({f"eval/pass_at_{j}": v for j, v in pass_at_k_table(correct, k).items()})

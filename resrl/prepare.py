@@ -6,14 +6,12 @@
 """
 from __future__ import annotations
 
-import logging
 import time
 from pathlib import Path
 
 from resrl.cache import cached_dir, key_of
 from resrl.data import load_prepared, load_summary, prepare_dataset
 
-log = logging.getLogger(__name__)
 
 
 def _model_identity(path: Path) -> list:

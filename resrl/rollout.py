@@ -5,13 +5,11 @@ trainer's weights are copied into it in place (`reload_weights`).
 """
 from __future__ import annotations
 
-import logging
 import os
 from typing import Iterable
 
 import torch
 
-log = logging.getLogger(__name__)
 
 
 def on_cuda() -> bool:
@@ -46,7 +44,7 @@ class RolloutEngine:
     def for_run(cls, policy_dir: str, cfg, longest_prompt: int) -> "RolloutEngine":
         """The engine a run's config asks for: the trainer's dtype, room for the longest prompt
         plus the longer of the rollout and evaluation budgets."""
-        from resrl.trainer import resolve_device, resolve_dtype
+        from resrl.devices import resolve_device, resolve_dtype
 
         dtype = str(resolve_dtype(cfg.model.dtype, resolve_device(cfg.trainer.device))).replace("torch.", "")
         max_new = max(cfg.rollout.max_tokens, cfg.eval.max_tokens)

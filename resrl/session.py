@@ -6,21 +6,20 @@ looks the session up by run folder (`get_session`).
 """
 from __future__ import annotations
 
-import logging
 import random
 import time
 from pathlib import Path
 
 import torch
 
+from resrl import seeds
 from resrl.batch import RolloutBatch
 from resrl.data import load_prepared
 from resrl.evaluation import evaluate, score_samples
-from resrl.rewards import load_reward_function, math_equiv
+from resrl.rewards import is_correct, load_reward_function, math_equiv
 from resrl.rollout import RolloutEngine
 from resrl.trainer import PolicyTrainer
 
-log = logging.getLogger(__name__)
 
 _SESSIONS: dict[str, "TrainingSession"] = {}
 
@@ -76,7 +75,7 @@ class TrainingSession:
         for i in range((step - 1) * P, step * P):
             epoch, pos = divmod(i, N)
             order = list(range(N))
-            random.Random(self.cfg.seed * 1_000_003 + epoch).shuffle(order)
+            random.Random(seeds.prompt_order(self.cfg.seed, epoch)).shuffle(order)
             out.append(order[pos])
         return out
 
@@ -88,7 +87,7 @@ class TrainingSession:
         rows = [self.train_set[i] for i in idx]
         outputs = self.engine.generate([row["prompt_token_ids"] for row in rows], n=r.n, temperature=r.temperature,
                                        top_p=r.top_p, top_k=r.top_k, max_tokens=r.max_tokens,
-                                       seed=cfg.seed * 1_000_003 + step * 10_007, logprobs=True)
+                                       seed=seeds.rollout(cfg.seed, step), logprobs=True)
         scores, errors = score_samples(self.reward_fn, rows, outputs)
         prompt_ids, response_ids, texts, group_ids, sampler_logp = [], [], [], [], []
         for g, (row, samples) in enumerate(zip(rows, outputs)):
@@ -103,7 +102,7 @@ class TrainingSession:
         ls = cfg.reward.length_scale
         if ls.enabled:
             for i, ids in enumerate(response_ids):
-                if scores[i] >= 0.5:
+                if is_correct(scores[i]):
                     rewards[i] *= length_scale(len(ids), ls.start_tokens, r.max_tokens, ls.end_scale)
         batch = RolloutBatch(prompt_ids, response_ids, rewards, scores_t, torch.tensor(group_ids), texts,
                              sampler_logp)

@@ -30,23 +30,11 @@ import torch
 from resrl.algorithms import ResidualStats, get_algorithm, policy_loss, token_coefficients
 from resrl.algorithms.advantages import resrl_token_weights
 from resrl.batch import RolloutBatch, pack
+from resrl.devices import resolve_device, resolve_dtype
 from resrl.metrics import sampler_agreement
+from resrl import seeds
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("trainer.device=cuda but no CUDA device is visible")
-    return name
-
-
-def resolve_dtype(name: str, device: str) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device == "cuda" else torch.float32
-    return getattr(torch, name)
 
 
 def _free_port() -> int:
@@ -244,14 +232,14 @@ class PolicyTrainer:
 
     def train_step(self, batch: RolloutBatch, step: int) -> dict[str, float]:
         cfg, t = self.cfg, self.cfg.trainer
-        scored = self.score(batch, seed=cfg.seed * 100_003 + step)
+        scored = self.score(batch, seed=seeds.residual_svd(cfg.seed, step))
         adv = self.advantages(batch, scored)
         mask = batch.response_mask()
         agg = self.algorithm.effective_loss_agg(cfg.loss.agg)
         train_rows = torch.arange(len(batch))
         if self.algorithm.skip_zero_advantage:  # PSR/NSR: only their own samples enter the update
             train_rows = (adv != 0).any(dim=1).nonzero().flatten()
-        gen = torch.Generator().manual_seed(cfg.seed * 7_919 + step)
+        gen = torch.Generator().manual_seed(seeds.minibatch_order(cfg.seed, step))
         sums: dict[str, float] = {"tokens": 0.0, "pg_loss": 0.0, "clip_frac": 0.0, "approx_kl": 0.0, "entropy": 0.0}
         losses, grad_norms = [], []
         for _ in range(t.epochs if len(train_rows) else 0):

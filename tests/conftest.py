@@ -96,3 +96,15 @@ def smoke_run(workdir, prefect_api_url, smoke_prepared):
     cfg = load_config(ROOT / "conf" / "smoke.yaml", smoke_overrides(workdir))
     state = json.loads((run_dir(cfg) / "state.json").read_text())
     return {"proc": proc, "cfg": cfg, "state": state, "run_dir": run_dir(cfg)}
+
+
+# Fixtures that start engines, flows or servers. A test that uses one, directly or through
+# another fixture, is marked `slow`; `pytest -m "not slow"` is the quick subset to run
+# while editing (the default `pytest`, and CI, run everything).
+HEAVY_FIXTURES = {"session", "smoke_prepared", "smoke_run", "sweep_run", "learner", "prefect_api_url"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if HEAVY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -15,6 +15,13 @@ from resrl.rewards.math_equiv import last_boxed, math_score
 from resrl.rewards.numeric import numeric_score
 
 RewardFn = Callable[[str, str, Optional[dict]], float]
+CORRECT_SCORE = 0.5  # a score at or above this counts as a correct answer (pass@k, PSR/NSR, ResRL's positives)
+
+
+def is_correct(score):
+    """The one rule for "correct": works on a float or a tensor of scores."""
+    return score >= CORRECT_SCORE
+
 REWARDS: dict[str, RewardFn] = {}
 
 

@@ -1,0 +1,20 @@
+"""Which device and dtype a run uses: one rule for the trainer and the rollout engine."""
+from __future__ import annotations
+
+import torch
+
+
+def resolve_device(name: str) -> str:
+    """`trainer.device`: auto -> cuda when visible, else cpu."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("trainer.device=cuda but no CUDA device is visible")
+    return name
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    """`model.dtype`: auto -> bfloat16 on CUDA, float32 on the CPU."""
+    if name == "auto":
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    return getattr(torch, name)
