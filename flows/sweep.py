@@ -1,5 +1,5 @@
-"""Parameter sweeps: every grid point is a child flow run of the training flow, in its
-own process (its own vLLM and DeepSpeed engines), at most `concurrency` at a time,
+"""Parameter sweeps: every grid point is a child flow run of the training flow, trained in
+one of `concurrency` lane processes (each point with its own vLLM and DeepSpeed engines),
 logging to a child MLflow run under one parent run tagged with the sweep id. When the
 points are done, the comparison report goes to the parent run and to the Prefect
 flow run. `resrl compare SWEEP_ID` rebuilds the report from MLflow alone.
@@ -7,8 +7,9 @@ flow run. `resrl compare SWEEP_ID` rebuilds the report from MLflow alone.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -46,6 +47,31 @@ def _point_config(point, sweep_id: str, parent_id: str) -> dict:
     return config
 
 
+@flow(name="resrl-sweep-lane")
+def lane_flow(configs: list[dict], claims_dir: str) -> None:
+    """Train sweep points one after another in this process, each as a child flow run.
+
+    A sweep starts `concurrency` lanes; each takes the next point nobody has claimed yet
+    (an exclusive file create in `claims_dir`), so lanes balance themselves and a point
+    trains once. One process per lane, not per point: the imports (torch, vLLM,
+    DeepSpeed, Prefect, MLflow: ~20 s on 2 cores) and the process start are paid once.
+    A point that fails is recorded (FAILED in MLflow, as any run) and the lane goes on.
+    """
+    from flows.train import train_flow
+    from resrl.config import config_hash, from_dict
+
+    logger = get_run_logger()
+    for config in configs:
+        key = config_hash(from_dict(config))
+        try:
+            os.close(os.open(Path(claims_dir) / key, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            continue  # another lane has it
+        state = train_flow(config=config, return_state=True)
+        if state.is_failed() or state.is_crashed():
+            logger.warning("point %s: %s", config["run"].get("name") or key, state.message)
+
+
 @flow(name="resrl-sweep")
 def sweep_flow(sweep_file: str, overrides: list[str] | None = None) -> dict:
     """Train every point of the sweep in `sweep_file` (skipping finished ones) and report."""
@@ -78,23 +104,22 @@ def sweep_flow(sweep_file: str, overrides: list[str] | None = None) -> dict:
     from prefect.client.orchestration import get_client
 
     child_env = {"PREFECT_API_URL": str(get_client(sync_client=True).api_url).rstrip("/")}
-    running: dict[str, tuple] = {}
-    while pending or running:
-        while pending and len(running) < sweep.concurrency:
-            p = pending.pop(0)
-            logger.info("point %s (%s): starting", p.label(()), run_name(p.cfg))
-            proc = run_flow_in_subprocess(train_flow, env=child_env,
-                                          parameters={"config": _point_config(p, sweep.sweep_id, parent_id)})
-            running[p.key] = (p, proc)
-        time.sleep(0.5)
-        for key, (p, proc) in list(running.items()):
-            if proc.is_alive():
-                continue
-            proc.join()
-            state = RunState.load(run_dir(p.cfg))
-            status[key] = "finished" if state is not None and state.finished else f"failed (exit code {proc.exitcode})"
-            logger.info("point %s: %s", p.label(()), status[key])
-            del running[key]
+    claims = Path(tempfile.mkdtemp(prefix=f"resrl-{sweep.sweep_id}-"))
+    configs = [_point_config(p, sweep.sweep_id, parent_id) for p in pending]
+    lanes = [run_flow_in_subprocess(lane_flow, env=child_env,
+                                    parameters={"configs": configs, "claims_dir": str(claims)})
+             for _ in range(min(sweep.concurrency, len(pending)))]
+    logger.info("%d points to train in %d lane process(es)", len(pending), len(lanes))
+    for lane in lanes:
+        lane.join()
+    for p in pending:
+        state = RunState.load(run_dir(p.cfg))
+        if state is not None and state.finished:
+            status[p.key] = "finished"
+        else:
+            status[p.key] = "failed" if (claims / p.key).exists() else "not started (its lane died)"
+        logger.info("point %s: %s", p.label(()), status[p.key])
+    shutil.rmtree(claims, ignore_errors=True)
 
     from omegaconf import OmegaConf
 
@@ -116,6 +141,25 @@ def sweep_flow(sweep_file: str, overrides: list[str] | None = None) -> dict:
             "report_dir": report["dir"], "tracking_uri": tracking.tracking_uri(cfg0)}
 
 
+def final_eval_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """The run's last evaluation: Avg@K and Pass@k for k <= K, K = `eval/k` of that evaluation.
+
+    MLflow keeps each key's latest value; when the last evaluation draws more samples
+    (`eval.final_k`) the earlier, smaller `eval/avg_at_k` would otherwise linger."""
+    k_final = int(metrics.get("eval/k", 0))
+    out = {}
+    for key, value in metrics.items():
+        if key.startswith("eval/avg_at_"):
+            if not k_final or int(key.rsplit("_", 1)[1]) == k_final:
+                out[key] = value
+        elif key.startswith("eval/pass_at_"):
+            if not k_final or int(key.rsplit("_", 1)[1]) <= k_final:
+                out[key] = value
+        elif key.startswith("eval/") and key != "eval/k":
+            out[key] = value
+    return out
+
+
 def sweep_runs(cfg, sweep_id: str) -> tuple[str, pd.DataFrame, dict, list[str]]:
     """Parent run id, one row per point (params of the swept keys + final eval metrics), the spec,
     and the swept keys (as recorded in points.json, in the order the sweep file gives them)."""
@@ -134,7 +178,11 @@ def sweep_runs(cfg, sweep_id: str) -> tuple[str, pd.DataFrame, dict, list[str]]:
         if p["mlflow_run_id"]:
             run = client.get_run(p["mlflow_run_id"])
             row["status"] = "finished" if run.info.status == "FINISHED" else p["status"]
-            row.update({k: v for k, v in run.data.metrics.items() if k.startswith("eval/")})
+            row.update(final_eval_metrics(run.data.metrics))
+            lld = {m.step: m.value for m in client.get_metric_history(p["mlflow_run_id"], "train/lld")}
+            row["lld_curve"] = dict(sorted(lld.items()))
+            finite = [v for v in lld.values() if v == v]
+            row["train/lld_mean"] = sum(finite) / len(finite) if finite else float("nan")
         rows.append(row)
     swept = list(dict.fromkeys(k for p in points for k in p["values"]))
     return parent, pd.DataFrame(rows), spec, swept

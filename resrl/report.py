@@ -1,6 +1,7 @@
-"""The comparison report of a sweep: final Avg@k / Pass@k per configuration with the
-mean and a 95 % confidence interval over seeds, Pass@k curves, and a heat map of the
-headline metric over two swept keys. Input is one row per run (params + final
+"""The comparison report of a sweep: final Avg@k / Pass@k and the mean lazy likelihood
+displacement (LLD) per configuration with the mean and a 95 % confidence interval over
+seeds, Pass@k curves, LLD against step, and a heat map of the headline metric over two
+swept keys (with the interval in each cell). Input is one row per run (params + final
 metrics), so it can be rebuilt from MLflow alone.
 """
 from __future__ import annotations
@@ -58,6 +59,7 @@ def write_report(runs: pd.DataFrame, out_dir: Path, *, sweep_id: str, group_keys
     out_dir.mkdir(parents=True, exist_ok=True)
     metric_cols = sorted(c for c in runs.columns if c.startswith("eval/pass_at_") or c.startswith("eval/avg_at_"))
     metric_cols.sort(key=lambda c: (not c.startswith("eval/avg"), int(c.rsplit("_", 1)[1])))
+    metric_cols += [c for c in ("train/lld_mean",) if c in runs.columns]
     table = summarize(runs, group_keys, metric_cols)
     files = {}
 
@@ -83,10 +85,40 @@ def write_report(runs: pd.DataFrame, out_dir: Path, *, sweep_id: str, group_keys
         fig.savefig(files["curves"])
         plt.close(fig)
 
-    # heat map of the headline metric over two swept keys (mean over everything else)
+    # lazy likelihood displacement per step, one line per configuration (mean over seeds, 95 % band)
+    if "lld_curve" in runs.columns and len(table):
+        fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+        done = runs[runs["status"] == "finished"]
+        for key, frame in done.groupby(group_keys, dropna=False, sort=True) if group_keys else [((), done)]:
+            key = key if isinstance(key, tuple) else (key,)
+            curves = [c for c in frame["lld_curve"] if isinstance(c, dict) and c]
+            if not curves:
+                continue
+            steps = sorted(set.intersection(*(set(c) for c in curves)))
+            stats = [mean_ci95([c[t] for c in curves if c[t] == c[t]]) for t in steps]
+            mean = [m for m, _, _ in stats]
+            half = [0.0 if math.isnan(h) else h for _, h, _ in stats]
+            label = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in zip(group_keys, key)) or "all"
+            ax.plot(steps, mean, label=label)
+            ax.fill_between(steps, [m - h for m, h in zip(mean, half)], [m + h for m, h in zip(mean, half)], alpha=0.2)
+        ax.axhline(0, color="k", lw=0.5)
+        ax.set_xlabel("RL step")
+        ax.set_ylabel("LLD: mean change of log p(correct response) per token")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+        ax.set_title(f"Likelihood displacement of the positives ({sweep_id})", fontsize=9)
+        fig.tight_layout()
+        files["lld"] = out_dir / "lld.png"
+        fig.savefig(files["lld"])
+        plt.close(fig)
+
+    # heat map of the headline metric over two swept keys: mean over seeds (and anything else
+    # not on the axes) with the 95 % half-width under it
     if len(heatmap) == 2 and all(k in runs.columns for k in heatmap) and headline in runs.columns:
         done = runs[runs["status"] == "finished"]
         grid = done.pivot_table(index=heatmap[0], columns=heatmap[1], values=headline, aggfunc="mean")
+        half = done.pivot_table(index=heatmap[0], columns=heatmap[1], values=headline,
+                                aggfunc=lambda v: mean_ci95([float(x) for x in v])[1])
         fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
         im = ax.imshow(grid.values.astype(float), cmap="viridis", aspect="auto")
         ax.set_xticks(range(len(grid.columns)), [str(c) for c in grid.columns])
@@ -95,9 +127,10 @@ def write_report(runs: pd.DataFrame, out_dir: Path, *, sweep_id: str, group_keys
         ax.set_ylabel(heatmap[0])
         for i in range(grid.shape[0]):
             for j in range(grid.shape[1]):
-                v = grid.values[i, j]
+                v, h = grid.values[i, j], half.values[i, j]
                 if not math.isnan(v):
-                    ax.text(j, i, f"{v:.3f}", ha="center", va="center", color="w", fontsize=8)
+                    ax.text(j, i, _fmt(v, h).replace(" ± ", "\n± "), ha="center", va="center", color="w",
+                            fontsize=8)
         fig.colorbar(im, ax=ax, label=headline)
         ax.set_title(f"{headline}: {heatmap[0]} x {heatmap[1]}", fontsize=9)
         fig.tight_layout()
@@ -109,7 +142,7 @@ def write_report(runs: pd.DataFrame, out_dir: Path, *, sweep_id: str, group_keys
              f"{len(runs)} runs, {int((runs['status'] == 'finished').sum())} finished, "
              f"{int((runs['status'] != 'finished').sum())} not finished. Values: mean over seeds ± half-width "
              "of the 95 % t-interval (none with a single seed).", ""]
-    header = group_keys + ["runs", "failed"] + [c.replace("eval/", "") for c in metric_cols]
+    header = group_keys + ["runs", "failed"] + [c.replace("eval/", "").replace("train/", "") for c in metric_cols]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in table.to_dict("records"):
         cells = [str(row[k]) for k in group_keys] + [str(row["runs"]), str(row["failed"])]

@@ -14,7 +14,10 @@
       headline: eval/pass_at_1     # metric of the heat map
       heatmap: [algorithm.rank, algorithm.min_weight]
 
-Every point is loaded and checked like a `resrl train` config before anything runs.
+A relative `base` resolves next to the sweep file, else in the project folder (so
+`conf/smoke.yaml` works from any working directory); relative paths inside the
+overrides (e.g. `run.output_dir`) are, as in `resrl train`, relative to the working
+directory. Every point is loaded and checked like a `resrl train` config before anything runs.
 A point is identified by the hash of its resolved config, so re-running a sweep
 finds the points that already finished.
 """
@@ -28,7 +31,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from resrl.config import ConfigError, config_hash, load_config
+from resrl.config import CONF_DIR, ConfigError, config_hash, load_config
+
+PROJECT_DIR = CONF_DIR.parent
 
 SWEEP_KEYS = {"name", "base", "overrides", "grid", "points", "concurrency", "report"}
 REPORT_KEYS = {"headline", "heatmap"}
@@ -72,6 +77,19 @@ def expand_grid(grid: dict, points: list[dict]) -> list[dict]:
     return out
 
 
+def resolve_base(base: str | None, sweep_file: Path) -> str | None:
+    """A relative `base` is looked up next to the sweep file, then in the project folder
+    (where `conf/` lives), never in the working directory: a sweep means the same
+    wherever it is started from."""
+    if base is None or Path(base).is_absolute():
+        return base
+    tried = [sweep_file.resolve().parent / base, PROJECT_DIR / base]
+    for candidate in tried:
+        if candidate.is_file():
+            return str(candidate)
+    raise ConfigError(f"sweep base config '{base}' not found; looked in: {', '.join(map(str, tried))}")
+
+
 def load_sweep(path: str | Path, extra_overrides: list[str] = ()) -> Sweep:
     path = Path(path)
     if not path.is_file():
@@ -83,9 +101,7 @@ def load_sweep(path: str | Path, extra_overrides: list[str] = ()) -> Sweep:
     report = spec.get("report") or {}
     if set(report) - REPORT_KEYS:
         raise ConfigError(f"unknown report key(s) {sorted(set(report) - REPORT_KEYS)}; allowed: {sorted(REPORT_KEYS)}")
-    base = spec.get("base")
-    if base is not None and not Path(base).is_file() and (path.parent / base).is_file():
-        base = str(path.parent / base)
+    base = resolve_base(spec.get("base"), path)
     combos = expand_grid(spec.get("grid") or {}, spec.get("points") or [])
     if not combos:
         raise ConfigError(f"sweep {path} defines no points (give a grid or points)")

@@ -41,6 +41,28 @@ def test_load_sweep_checks_every_point(tmp_path):
         load_sweep(f)
 
 
+def test_sweep_base_resolves_from_any_working_directory(tmp_path, monkeypatch):
+    """`base: conf/smoke.yaml` means the project's file wherever the sweep is started,
+    unless a file of that name sits next to the sweep file."""
+    monkeypatch.chdir(tmp_path)  # outside the project
+    s = load_sweep(ROOT / "conf" / "sweep" / "smoke.yaml")
+    assert s.points[0].cfg.rollout.prompts_per_step == 16  # conf/smoke.yaml's value, not the default 32
+
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "smoke.yaml").write_text("rollout:\n  prompts_per_step: 3\n")  # a decoy in the cwd
+    own = tmp_path / "sweeps"
+    own.mkdir()
+    (own / "base.yaml").write_text("rollout:\n  prompts_per_step: 5\n")
+    f = own / "s.yaml"
+    f.write_text("base: conf/smoke.yaml\ngrid: {seed: [0]}\n")
+    assert load_sweep(f).points[0].cfg.rollout.prompts_per_step == 16  # the project's, not the cwd's decoy
+    f.write_text("base: base.yaml\ngrid: {seed: [0]}\n")
+    assert load_sweep(f).points[0].cfg.rollout.prompts_per_step == 5   # next to the sweep file
+    f.write_text("base: nope.yaml\ngrid: {seed: [0]}\n")
+    with pytest.raises(ConfigError, match="nope.yaml' not found; looked in"):
+        load_sweep(f)
+
+
 def test_smoke_sweep_definition():
     s = load_sweep(ROOT / "conf" / "sweep" / "smoke.yaml")
     assert len(s.points) >= 4 and len({p.key for p in s.points}) == len(s.points)
@@ -75,6 +97,30 @@ def test_report_table_by_hand(tmp_path):
     assert "| 8 | 2 | 1 | 0.100 | 0.100 | 0.200 |" in md
     assert "b1: failed (exit code 1)" in md
     assert files["curves"].is_file()
+
+
+def test_report_lld_and_heatmap_intervals(tmp_path):
+    runs = pd.DataFrame([
+        {"run_name": f"r{r}{m}{seed}", "status": "finished", "algorithm.rank": r, "algorithm.min_weight": m,
+         "seed": seed, "eval/pass_at_1": 0.1 * r + m + 0.01 * seed, "train/lld_mean": -0.01 * (seed + 1),
+         "lld_curve": {1: -0.01 * (seed + 1), 2: -0.02 * (seed + 1)}}
+        for r in (1, 2) for m in (0.0, 0.5) for seed in (0, 1, 2)])
+    files = write_report(runs, tmp_path, sweep_id="s", group_keys=["algorithm.rank", "algorithm.min_weight"],
+                         headline="eval/pass_at_1", heatmap=["algorithm.rank", "algorithm.min_weight"])
+    md = files["markdown"].read_text()
+    assert "lld_mean" in md
+    # lld over seeds -0.01, -0.02, -0.03: mean -0.02, sd 0.01, half-width 4.302653 * 0.01 / sqrt(3) = 0.0248
+    assert "| 1 | 0.0 | 3 | 0 | 0.110 ± 0.025 | -0.020 ± 0.025 |" in md  # pass@1 0.10, 0.11, 0.12
+    assert files["lld"].is_file() and files["heatmap"].is_file()
+
+
+def test_final_eval_metrics_keep_the_last_evaluations_k():
+    from flows.sweep import final_eval_metrics
+
+    logged = {"eval/k": 64.0, "eval/avg_at_8": 0.5, "eval/avg_at_64": 0.6, "eval/pass_at_64": 0.9,
+              "eval/pass_at_8": 0.8, "eval/distinct_2": 0.3, "train/loss": 1.0}
+    assert final_eval_metrics(logged) == {"eval/avg_at_64": 0.6, "eval/pass_at_64": 0.9, "eval/pass_at_8": 0.8,
+                                          "eval/distinct_2": 0.3}
 
 
 @pytest.fixture(scope="module")
