@@ -55,6 +55,14 @@ def init_distributed(device: str) -> None:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl")
+    # Closing a vLLM engine destroys the default process group; DeepSpeed keeps its clone of
+    # the old world group and fails on the next engine in this process ("Group ... is not
+    # registered"). Drop the stale clone so DeepSpeed clones the current world again.
+    from deepspeed.utils import groups
+
+    world = groups._WORLD_GROUP
+    if world is not None and world not in torch.distributed.distributed_c10d._world.pg_group_ranks:
+        groups._WORLD_GROUP = None
 
 
 def response_logits(logits: torch.Tensor, T: int) -> torch.Tensor:

@@ -133,7 +133,9 @@ def sweep_run(workdir, prefect_api_url, smoke_prepared, tmp_path_factory):
         "base": str(ROOT / "conf" / "smoke.yaml"),
         "overrides": [*smoke_overrides(workdir), f"run.output_dir={tmp / 'out'}", "trainer.steps=2",
                       "eval.every=2", "eval.num_prompts=16"],
-        "grid": {"algorithm.rank": [4, 8]},
+        # 3 trained points in 2 lanes: some lane trains two in one process (engines closed and
+        # started again, which once broke DeepSpeed's cached process group)
+        "grid": {"algorithm.rank": [4, 8, 16]},
         "points": [{"data.source": "gsm8k", "data.path": str(bad), "data.num_test": 1}],
         "concurrency": 2,
         "report": {"headline": "eval/pass_at_1"},
@@ -157,12 +159,12 @@ def _client(sweep_run):
 def test_failed_point_does_not_stop_the_others(sweep_run):
     out = sweep_run["first"].stdout
     assert sweep_run["first"].returncode == 1, sweep_run["first"].stderr[-3000:]  # one point failed
-    assert out.count("  finished ") == 2 and out.count("  failed") == 1
+    assert out.count("  finished ") == 3 and out.count("  failed") == 1
     out_dir = Path(sweep_run["tmp"]) / "out" / "sweeps" / sweep_run["sweep"].sweep_id
     summary = pd.read_csv(out_dir / "summary.csv")
-    assert sorted(summary["failed"]) == [0, 0, 1] and list(summary["runs"]) == [1, 1, 1]
+    assert sorted(summary["failed"]) == [0, 0, 0, 1] and list(summary["runs"]) == [1, 1, 1, 1]
     ok = summary[summary["failed"] == 0]
-    assert sorted(ok["algorithm.rank"]) == [4, 8] and ok["eval/pass_at_1"].between(0, 1).all()
+    assert sorted(ok["algorithm.rank"]) == [4, 8, 16] and ok["eval/pass_at_1"].between(0, 1).all()
     assert "## Not finished" in (out_dir / "report.md").read_text()
 
 
@@ -176,8 +178,8 @@ def test_children_nested_under_parent_with_all_metrics(sweep_run):
     assert len(parent) == 1
     children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent[0].info.run_id}'")
     finished = [r for r in children if r.info.status == "FINISHED"]
-    assert len(finished) == 2
-    for run in finished:  # both trained at the same time against one SQLite store
+    assert len(finished) == 3
+    for run in finished:  # trained two at a time against one SQLite store
         for key in REQUIRED_STEP_METRICS:
             assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2], key
         assert run.data.tags["resrl.sweep_id"] == sid
@@ -216,7 +218,7 @@ def test_rerun_skips_finished_points(sweep_run):
     again = subprocess.run(sweep_run["cmd"], cwd=ROOT, env=sweep_run["env"], capture_output=True, text=True,
                            timeout=600)
     log = again.stdout + again.stderr
-    assert log.count("finished earlier, skipped") == 2
+    assert log.count("finished earlier, skipped") == 3
     # nothing trained again; the failed point was retried in its own run, so no new runs either
     assert len(client.search_runs([exp.experiment_id])) == before
 
