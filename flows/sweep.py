@@ -36,7 +36,8 @@ def _parent_run(cfg, sweep) -> str:
     run_id = _find_parent(cfg, sweep.sweep_id)
     if run_id is None:
         run_id = tracking.start_run(cfg, sweep.sweep_id, tags={"resrl.sweep_id": sweep.sweep_id, "resrl.role": "sweep"})
-        tracking.client_for(cfg).log_text(run_id, yaml.safe_dump(sweep.spec, sort_keys=False), "sweep.yaml")
+    # written again on every start: the same points with new report settings re-report, nothing retrains
+    tracking.client_for(cfg).log_text(run_id, yaml.safe_dump(sweep.spec, sort_keys=False), "sweep.yaml")
     return run_id
 
 
@@ -196,7 +197,7 @@ def build_report(cfg, sweep_id: str) -> dict:
     out = Path(cfg.run.output_dir) / "sweeps" / sweep_id
     files = write_report(runs, out, sweep_id=sweep_id, group_keys=group_keys,
                          headline=report_cfg.get("headline", "eval/pass_at_1"),
-                         heatmap=list(report_cfg.get("heatmap") or []))
+                         heatmap=list(report_cfg.get("heatmap") or []), reference=report_cfg.get("reference"))
     client = tracking.client_for(cfg)
     for path in files.values():
         client.log_artifact(parent, str(path), artifact_path="report")

@@ -13,6 +13,7 @@
     report:
       headline: eval/pass_at_1     # metric of the heat map
       heatmap: [algorithm.rank, algorithm.min_weight]
+      reference: {algorithm.rank: 8, algorithm.min_weight: 0.1}  # paired per-seed differences against it
 
 A relative `base` resolves next to the sweep file, else in the project folder (so
 `conf/smoke.yaml` works from any working directory); relative paths inside the
@@ -36,7 +37,7 @@ from resrl.config import CONF_DIR, ConfigError, config_hash, load_config
 PROJECT_DIR = CONF_DIR.parent
 
 SWEEP_KEYS = {"name", "base", "overrides", "grid", "points", "concurrency", "report"}
-REPORT_KEYS = {"headline", "heatmap"}
+REPORT_KEYS = {"headline", "heatmap", "reference"}
 
 
 @dataclass

@@ -114,6 +114,27 @@ def test_report_lld_and_heatmap_intervals(tmp_path):
     assert files["lld"].is_file() and files["heatmap"].is_file()
 
 
+def test_report_paired_differences_by_hand(tmp_path):
+    # two configurations x 3 seeds; the seeds differ a lot, the configurations by a steady 0.02
+    start = {0: 0.2, 1: 0.5, 2: 0.9}
+    runs = pd.DataFrame([
+        {"run_name": f"{a}{s}", "status": "finished", "algorithm.name": a, "seed": s,
+         "eval/avg_at_4": start[s] + (0.02 + 0.01 * (s == 2) if a == "resrl" else 0.0),
+         "eval/pass_at_1": start[s], "eval/pass_at_4": start[s]}
+        for a in ("nsr", "resrl") for s in (0, 1, 2)])
+    files = write_report(runs, tmp_path, sweep_id="s", group_keys=["algorithm.name"], headline="eval/pass_at_1",
+                         heatmap=[], reference={"algorithm.name": "nsr"})
+    paired = pd.read_csv(files["paired"])
+    assert list(paired["algorithm.name"]) == ["resrl"] and paired["seeds"][0] == 3
+    # differences 0.02, 0.02, 0.03: mean 0.02333, sd 0.005774, half-width 4.302653 * 0.005774 / sqrt(3)
+    assert paired["eval/avg_at_4"][0] == pytest.approx(0.07 / 3)
+    assert paired["eval/avg_at_4_ci95"][0] == pytest.approx(4.302653 * 0.0057735 / math.sqrt(3), rel=1e-4)
+    md = files["markdown"].read_text()
+    assert "## Paired differences against name=nsr" in md and "+0.0233 ± 0.0143 |" in md
+    # unpaired, the same numbers are lost in the seeds' spread
+    assert "| resrl | 3 | 0 | 0.557 ± 0.885 |" in md  # 0.22, 0.52, 0.93
+
+
 def test_final_eval_metrics_keep_the_last_evaluations_k():
     from flows.sweep import final_eval_metrics
 
