@@ -145,8 +145,10 @@ def _train(cfg, config: dict, rdir: Path, state: RunState, run_id: str, client, 
         state.save(rdir)
         m = result["metrics"]
         k = int(m["eval/k"])
-        logger.info("eval step %d: avg@%d %.3f | pass@%d %.3f | pass@1 %.3f", step, k,
-                    m[f"eval/avg_at_{k}"], k, m[f"eval/pass_at_{k}"], m["eval/pass_at_1"])
+        errors = int(m["eval/reward_errors"])
+        logger.info("eval step %d: avg@%d %.3f | pass@%d %.3f | pass@1 %.3f%s", step, k,
+                    m[f"eval/avg_at_{k}"], k, m[f"eval/pass_at_{k}"], m["eval/pass_at_1"],
+                    f" | reward errors {errors}" if errors else "")
         return m
 
     steps = cfg.trainer.steps
@@ -162,13 +164,15 @@ def _train(cfg, config: dict, rdir: Path, state: RunState, run_id: str, client, 
         timings["engine_start"] += metrics.get("time/engine_start_s", 0.0)
         timings["update"] += metrics["time/update_s"] + metrics["time/weight_sync_s"]
         tracking.log_metrics(cfg, run_id, metrics, step)
+        errors = int(metrics["train/reward_errors"])  # failed reward calls, scored 0 (see reward.max_error_fraction)
         logger.info("step %d/%d | reward %.3f | pass %.3f | len %.1f | loss %.4f | gnorm %.3f | "
-                    "w_neg %.3f | lld %.4f | sampler dlogp %.1e | %.1fs rollout %.1fs update", step, steps,
+                    "w_neg %.3f | lld %.4f | sampler dlogp %.1e | %.1fs rollout %.1fs update%s", step, steps,
                     metrics["train/reward_mean"], metrics["train/pass_rate"], metrics["train/response_length"],
                     metrics["train/loss"], metrics["train/grad_norm"], metrics.get("train/resrl/weight_mean",
                                                                                    float("nan")),
                     metrics["train/lld"], metrics.get("train/sampler_logp_diff_max", float("nan")),
-                    metrics["time/rollout_s"], metrics["time/update_s"])
+                    metrics["time/rollout_s"], metrics["time/update_s"],
+                    f" | reward errors {errors}" if errors else "")
         if upd["checkpoint"]:  # commit only after the metrics are logged (see update_policy)
             state.step = step
             state.save(rdir)
