@@ -14,7 +14,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from resrl.config import ConfigError, config_hash, from_dict, load_config, run_dir, run_name, to_dict, validate
-from resrl.run_state import RunState, checkpoint_dir, prune_checkpoints
+from resrl.run_state import RunState, checkpoint_dir, prune_checkpoints, run_lock
 from tasks import tracking
 from tasks.steps import evaluate_policy, generate_rollouts, prepare_data, update_policy
 
@@ -68,6 +68,12 @@ def train_flow(config: dict | None = None, config_file: str | None = None, overr
     cfg = from_dict(config)
     validate(cfg)
     rdir = run_dir(cfg)
+    with run_lock(rdir):  # one owner per run folder: a second start of the same run refuses, naming the holder
+        return _run(cfg, config, rdir, logger, t_flow)
+
+
+def _run(cfg, config: dict, rdir: Path, logger, t_flow: float) -> dict:
+    """The flow's body, while this process holds the run folder."""
     state = _open_state(cfg, rdir)
     (rdir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     uri = tracking.tracking_uri(cfg)
