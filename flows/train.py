@@ -116,11 +116,12 @@ def _run(cfg, config: dict, rdir: Path, logger, t_flow: float) -> dict:
         state.finished = True
         state.save(rdir)
     except BaseException as exc:
+        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"  # stopped by the user, not broken
         client.set_tag(run_id, "resrl.error", f"{type(exc).__name__}: {exc}"[:4000])
-        client.set_terminated(run_id, status="FAILED")
+        client.set_terminated(run_id, status=status)
         # said here, where it happens (not by the caller, which cannot tell whether the run got this far)
-        logger.error("MLflow run %s is marked FAILED (tag resrl.error); running the same config again retries "
-                     "in that run. See: %s", run_id, tracking.run_url_hint(cfg))
+        logger.error("MLflow run %s is marked %s (tag resrl.error); running the same config again continues "
+                     "in that run. See: %s", run_id, status, tracking.run_url_hint(cfg))
         raise
     finally:
         from resrl.session import close_session
@@ -139,8 +140,10 @@ def _train(cfg, config: dict, rdir: Path, state: RunState, run_id: str, client, 
         logger.info("data: %s", line)
     logger.info("policy: %s (warm-start %s)", prepared["policy_dir"],
                 {None: "off", True: "reused from cache", False: "trained now"}[prepared["warmstart_reused"]])
-    if state.step == 0 and not state.evaluated:  # not yet logged (a resume before step 0's eval logs them again)
+    if not state.data_logged and state.step == 0 and not state.evaluated:  # once per run, also across resumes
         tracking.log_metrics(cfg, run_id, prepared["metrics"], 0)
+        state.data_logged = True
+        state.save(rdir)
 
     def evaluate(step: int) -> dict:
         result = evaluate_policy(config, prepared, step, final=step == cfg.trainer.steps)
