@@ -5,11 +5,11 @@ trainer's weights are copied into it in place (`reload_weights`).
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Iterable
 
 import torch
-
 
 
 def on_cuda() -> bool:
