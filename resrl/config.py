@@ -288,9 +288,9 @@ def validate(cfg: DictConfig) -> None:
         check_model_dir(cfg.model.path)
     max_new = max(r.max_tokens, e.max_tokens)
     positions = model_max_positions(cfg)
-    _require(positions is None or max_new < positions,
-             f"rollout.max_tokens/eval.max_tokens ({max_new}) leave no room for a prompt in the model's "
-             f"{positions} positions.")
+    _require(positions is None or max_new <= positions,  # with the prompts: checked after data preparation
+             f"rollout.max_tokens/eval.max_tokens ({max_new}) exceed the model's {positions} positions "
+             "(model.tiny.max_positions, or max_position_embeddings of model.path).")
     if cfg.warmstart.enabled:
         _require(cfg.warmstart.steps >= 1 and cfg.warmstart.batch_size >= 1 and cfg.warmstart.lr > 0,
                  "warmstart.steps, batch_size and lr must be positive.")

@@ -65,6 +65,7 @@ def open_store(cfg) -> str:
 
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     """Raise TrackingUnreachable unless something answers HTTP at `uri`."""
+    import http.client
     import urllib.error
     import urllib.request
 
@@ -72,7 +73,7 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
         urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s).close()
     except urllib.error.HTTPError:
         return  # it answers (e.g. auth or a proxy in front); MLflow's own calls report the details
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, http.client.HTTPException) as exc:  # refused, timed out, not HTTP
         reason = getattr(exc, "reason", exc)
         raise TrackingUnreachable(
             f"the MLflow tracking server {uri} is not reachable ({reason}); start it (bash infra/mlflow-server.sh), "

@@ -201,7 +201,7 @@ def test_export_verl_takes_overrides_after_config(tmp_path, capsys):
 
 @pytest.mark.parametrize("content, needle", [
     (b"", "is empty"),
-    (b"\xff\xfe\x00garbage\x81\n", "cannot be read"),
+    (b"{\"question\": \"\xff\xfe\x81\", \"answer\": \"#### 1\"}\n", "cannot be read"),  # not UTF-8
     (b"this is { not json\n", "cannot be read"),
 ])
 def test_unreadable_data_files_are_one_line(content, needle, workdir, tmp_path, capsys):
