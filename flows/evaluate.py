@@ -46,7 +46,8 @@ def evaluate_run_flow(run_name: str, config_file: str | None = None, overrides: 
     test = load_prepared(prepare_base_and_data(cfg)["dataset_dir"])["test"]
     engine = RolloutEngine.for_run(str(ckpts[-1] / "policy"), cfg, max(len(p) for p in test["prompt_token_ids"]))
     try:
-        metrics, samples = evaluate(engine, test, cfg.eval, load_reward_function(cfg.reward.function), cfg.seed, step)
+        metrics, samples = evaluate(engine, test, cfg.eval, load_reward_function(cfg.reward.function), cfg.seed, step,
+                                    max_error_fraction=OmegaConf.select(cfg, "reward.max_error_fraction", default=1.0))
     finally:
         engine.close()
     scheduled = {k.replace("eval/", "eval_scheduled/", 1): v for k, v in metrics.items() if k.startswith("eval/")}

@@ -210,6 +210,7 @@ def run_sweep_cli(args) -> int:
     from tasks.tracking import run_url_hint
 
     sweep = load_sweep(args.config, args.overrides)  # checks every point before anything starts
+    tracking.open_store(sweep.points[0].cfg)  # an unreachable server fails now; a new SQLite store is created once
     print(f"resrl: sweep {sweep.sweep_id}: {len(sweep.points)} points, concurrency {sweep.concurrency}", flush=True)
     result = sweep_flow(sweep_file=args.config, overrides=args.overrides)
     print()

@@ -14,7 +14,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from resrl.config import ConfigError, config_hash, from_dict, load_config, run_dir, run_name, to_dict, validate
-from resrl.run_state import RunState, checkpoint_dir, prune_checkpoints
+from resrl.run_state import RunState, checkpoint_dir, prune_checkpoints, run_lock
 from tasks import tracking
 from tasks.steps import evaluate_policy, generate_rollouts, prepare_data, update_policy
 
@@ -68,6 +68,12 @@ def train_flow(config: dict | None = None, config_file: str | None = None, overr
     cfg = from_dict(config)
     validate(cfg)
     rdir = run_dir(cfg)
+    with run_lock(rdir):  # one owner per run folder: a second start of the same run refuses, naming the holder
+        return _run(cfg, config, rdir, logger, t_flow)
+
+
+def _run(cfg, config: dict, rdir: Path, logger, t_flow: float) -> dict:
+    """The flow's body, while this process holds the run folder."""
     state = _open_state(cfg, rdir)
     (rdir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     uri = tracking.tracking_uri(cfg)
@@ -110,11 +116,12 @@ def train_flow(config: dict | None = None, config_file: str | None = None, overr
         state.finished = True
         state.save(rdir)
     except BaseException as exc:
+        status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"  # stopped by the user, not broken
         client.set_tag(run_id, "resrl.error", f"{type(exc).__name__}: {exc}"[:4000])
-        client.set_terminated(run_id, status="FAILED")
+        client.set_terminated(run_id, status=status)
         # said here, where it happens (not by the caller, which cannot tell whether the run got this far)
-        logger.error("MLflow run %s is marked FAILED (tag resrl.error); running the same config again retries "
-                     "in that run. See: %s", run_id, tracking.run_url_hint(cfg))
+        logger.error("MLflow run %s is marked %s (tag resrl.error); running the same config again continues "
+                     "in that run. See: %s", run_id, status, tracking.run_url_hint(cfg))
         raise
     finally:
         from resrl.session import close_session
@@ -133,8 +140,10 @@ def _train(cfg, config: dict, rdir: Path, state: RunState, run_id: str, client, 
         logger.info("data: %s", line)
     logger.info("policy: %s (warm-start %s)", prepared["policy_dir"],
                 {None: "off", True: "reused from cache", False: "trained now"}[prepared["warmstart_reused"]])
-    if state.step == 0 and not state.evaluated:  # not yet logged (a resume before step 0's eval logs them again)
+    if not state.data_logged and state.step == 0 and not state.evaluated:  # once per run, also across resumes
         tracking.log_metrics(cfg, run_id, prepared["metrics"], 0)
+        state.data_logged = True
+        state.save(rdir)
 
     def evaluate(step: int) -> dict:
         result = evaluate_policy(config, prepared, step, final=step == cfg.trainer.steps)
@@ -145,8 +154,10 @@ def _train(cfg, config: dict, rdir: Path, state: RunState, run_id: str, client, 
         state.save(rdir)
         m = result["metrics"]
         k = int(m["eval/k"])
-        logger.info("eval step %d: avg@%d %.3f | pass@%d %.3f | pass@1 %.3f", step, k,
-                    m[f"eval/avg_at_{k}"], k, m[f"eval/pass_at_{k}"], m["eval/pass_at_1"])
+        errors = int(m["eval/reward_errors"])
+        logger.info("eval step %d: avg@%d %.3f | pass@%d %.3f | pass@1 %.3f%s", step, k,
+                    m[f"eval/avg_at_{k}"], k, m[f"eval/pass_at_{k}"], m["eval/pass_at_1"],
+                    f" | reward errors {errors}" if errors else "")
         return m
 
     steps = cfg.trainer.steps
@@ -162,13 +173,15 @@ def _train(cfg, config: dict, rdir: Path, state: RunState, run_id: str, client, 
         timings["engine_start"] += metrics.get("time/engine_start_s", 0.0)
         timings["update"] += metrics["time/update_s"] + metrics["time/weight_sync_s"]
         tracking.log_metrics(cfg, run_id, metrics, step)
+        errors = int(metrics["train/reward_errors"])  # failed reward calls, scored 0 (see reward.max_error_fraction)
         logger.info("step %d/%d | reward %.3f | pass %.3f | len %.1f | loss %.4f | gnorm %.3f | "
-                    "w_neg %.3f | lld %.4f | sampler dlogp %.1e | %.1fs rollout %.1fs update", step, steps,
+                    "w_neg %.3f | lld %.4f | sampler dlogp %.1e | %.1fs rollout %.1fs update%s", step, steps,
                     metrics["train/reward_mean"], metrics["train/pass_rate"], metrics["train/response_length"],
                     metrics["train/loss"], metrics["train/grad_norm"], metrics.get("train/resrl/weight_mean",
                                                                                    float("nan")),
                     metrics["train/lld"], metrics.get("train/sampler_logp_diff_max", float("nan")),
-                    metrics["time/rollout_s"], metrics["time/update_s"])
+                    metrics["time/rollout_s"], metrics["time/update_s"],
+                    f" | reward errors {errors}" if errors else "")
         if upd["checkpoint"]:  # commit only after the metrics are logged (see update_policy)
             state.step = step
             state.save(rdir)

@@ -7,10 +7,15 @@
 Configs are checked (unknown keys, bad values, model folders) before anything heavy
 starts. Orchestration (Prefect) and tracking (MLflow) are imported only here, so the
 `resrl` library itself stays importable without them.
+
+A user error (resrl.errors.UserError: a bad config, unusable data, a busy run folder,
+an unreachable tracking server, ...) is printed as one line, `resrl: error: ...`,
+without tracebacks; RESRL_DEBUG=1 keeps Prefect's tracebacks.
 """
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -49,16 +54,94 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """Parse; key=value words after an option (`export-verl OUT --config F k=v`) are overrides too
+    (argparse fills a positional list only once, before the option)."""
+    p = _parser()
+    args, extra = p.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
+        args.overrides = list(args.overrides) + extra
+    elif extra:
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+class _QuietUserErrors(logging.Filter):
+    """Drops Prefect's tracebacks of user errors; the CLI prints those as one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from resrl.errors import UserError
+
+        return not (record.exc_info and isinstance(record.exc_info[1], UserError))
+
+
+def _quiet_prefect() -> None:
+    import prefect  # noqa: F401 - its logging setup first, then the filters
+
+    if os.environ.get("RESRL_DEBUG") != "1":
+        for name in ("prefect.flow_runs", "prefect.task_runs"):
+            logger = logging.getLogger(name)
+            if not any(isinstance(f, _QuietUserErrors) for f in logger.filters):
+                logger.addFilter(_QuietUserErrors())
+
+
+def _own_temporary_prefect_server() -> None:
+    """Without PREFECT_API_URL, Prefect starts a temporary API server (uvicorn) on first use.
+    Start it here instead, so that it
+    - runs in its own session: Ctrl-C reaches only this process, and the flow can still
+      record its end (against a server killed by the same Ctrl-C, it retried for minutes);
+    - dies with this process, even on kill -9 (PR_SET_PDEATHSIG), instead of lingering.
+    Prefect keeps one instance per process, so its own lookups find this one."""
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return
+    import ctypes
+    import signal
+    import subprocess
+
+    from prefect.server.api.server import SubprocessASGIServer
+
+    parent, libc, PR_SET_PDEATHSIG = os.getpid(), ctypes.CDLL(None), 1
+
+    def die_with_parent() -> None:  # in the child before exec: no imports here (other threads may hold locks)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)  # sent when our main thread (its creator) ends
+        if os.getppid() != parent:  # the parent died before the line above
+            os._exit(1)
+
+    popen = subprocess.Popen
+
+    def owned_popen(*args, **kwargs):
+        return popen(*args, start_new_session=True, preexec_fn=die_with_parent, **kwargs)
+
+    subprocess.Popen = owned_popen  # only around Prefect's start of the server
+    try:
+        SubprocessASGIServer().start()
+    finally:
+        subprocess.Popen = popen
+
+
 def _train(args) -> int:
     from resrl.config import load_config, run_dir, to_dict
 
     cfg = load_config(args.config, args.overrides)
     from flows.train import train_flow
-    from tasks.tracking import run_url_hint, tracking_uri
+    from tasks.tracking import open_store, run_url_hint, tracking_uri
 
     rdir = run_dir(cfg)
+    open_store(cfg)  # an unreachable tracking server fails now, in seconds, before any data preparation
     print(f"resrl: run folder {rdir}  |  MLflow store {tracking_uri(cfg)}", flush=True)
-    result = train_flow(config=to_dict(cfg))
+    _own_temporary_prefect_server()
+    try:
+        result = train_flow(config=to_dict(cfg))
+    except KeyboardInterrupt:
+        from resrl.run_state import RunState
+
+        state = RunState.load(rdir)
+        step = state.step if state else 0
+        print(f"\nresrl: interrupted; the run is kept at step {step} in {rdir}: run the same command again "
+              "to resume it.", file=sys.stderr)
+        return 130
     print()
     if result.get("already_finished"):
         print("This run already finished earlier (same config); nothing was re-run. "
@@ -96,26 +179,31 @@ def _export_verl(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     set_environment_defaults()
-    args = _parser().parse_args(argv)
-    from resrl.config import ConfigError
-    from resrl.data import DataError
+    args = _parse(argv)
+    from resrl.errors import UserError
 
     try:
         if args.command == "train":
+            _quiet_prefect()
             return _train(args)
         if args.command == "export-verl":
             return _export_verl(args)
         if args.command == "sweep":
             from flows.sweep import run_sweep_cli
 
+            _quiet_prefect()
+            _own_temporary_prefect_server()
             return run_sweep_cli(args)
         if args.command == "compare":
             from flows.sweep import compare_cli
 
             return compare_cli(args)
-    except (ConfigError, DataError) as exc:
+    except UserError as exc:
         print(f"resrl: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\nresrl: interrupted.", file=sys.stderr)
+        return 130
     return 1
 
 

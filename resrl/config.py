@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from resrl.errors import UserError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 DEFAULT_CONFIG = CONF_DIR / "default.yaml"
@@ -35,7 +38,7 @@ _NOT_HASHED = (
 )
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration key or value that cannot be used."""
 
 
@@ -74,7 +77,18 @@ def _check_keys(update: DictConfig, base_flat: dict[str, Any], source: str) -> N
         raise _unknown_key_error(key, base_flat, source)
 
 
+# Types of the keys whose default is null (the default cannot tell); a test checks that
+# every null default of conf/default.yaml is listed here.
+NULL_DEFAULT_TYPES: dict[str, type] = {
+    "run.name": str, "run.tracking_uri": str, "run.sweep_id": str, "run.parent_run_id": str,
+    "data.path": str, "data.num_train": int, "data.num_test": int, "model.path": str,
+    "reward.function": str, "eval.final_k": int,
+}
+
+
 def _check_type(key: str, default: Any, value: Any, source: str) -> None:
+    if default is None and key in NULL_DEFAULT_TYPES:
+        default = NULL_DEFAULT_TYPES[key]()  # an example value of the declared type
     if default is None or value is None:
         return
     ok = {
@@ -96,9 +110,14 @@ def load_config(config_file: str | Path | None = None, overrides: Iterable[str] 
     layers: list[tuple[DictConfig, str]] = []
     if config_file is not None:
         path = Path(config_file)
+        if path.is_dir():
+            raise ConfigError(f"Config file '{path}' is a folder; give a YAML file (e.g. conf/smoke.yaml).")
         if not path.is_file():
             raise ConfigError(f"Config file '{path}' does not exist.")
-        loaded = OmegaConf.load(path)
+        try:
+            loaded = OmegaConf.load(path)
+        except Exception as exc:  # noqa: BLE001 - YAML syntax, encoding: the user's to fix
+            raise ConfigError(f"Config file '{path}' cannot be read: {_one_line(exc)}") from None
         if not isinstance(loaded, DictConfig):
             raise ConfigError(f"Config file '{path}' must hold a mapping of keys, not {type(loaded).__name__}.")
         layers.append((loaded, str(path)))
@@ -106,17 +125,26 @@ def load_config(config_file: str | Path | None = None, overrides: Iterable[str] 
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"Override '{item}' must look like key=value (e.g. algorithm.rank=16).")
-    if overrides:
-        layers.append((OmegaConf.from_dotlist(overrides), "the command line"))
-    for layer, source in layers:
-        _check_keys(layer, base_flat, source)
-        cfg = OmegaConf.merge(cfg, layer)
+    try:
+        if overrides:
+            layers.append((OmegaConf.from_dotlist(overrides), "the command line"))
+        for layer, source in layers:
+            _check_keys(layer, base_flat, source)
+            cfg = OmegaConf.merge(cfg, layer)
+        OmegaConf.resolve(cfg)  # a bad ${...} fails here, not in the middle of a run
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"Config cannot be resolved: {_one_line(exc)}") from None
     # ints given for float keys become floats, so hashes and logged params are stable
     for key, default in base_flat.items():
         if isinstance(default, float) and isinstance(OmegaConf.select(cfg, key), int):
             OmegaConf.update(cfg, key, float(OmegaConf.select(cfg, key)))
     validate(cfg)
     return cfg
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception as one line (YAML and OmegaConf messages span several)."""
+    return f"{type(exc).__name__}: " + " ".join(str(exc).split())
 
 
 def config_hash(cfg: DictConfig) -> str:
@@ -161,6 +189,18 @@ def check_model_dir(path: str | Path) -> None:
         raise ConfigError(f"model.path '{p}' holds only pickled *.bin weights; resrl loads safetensors only "
                           "(convert once with transformers: model.save_pretrained(dir, safe_serialization=True)).")
     _require(has_weights, f"model.path '{p}' has no *.safetensors weights.")
+
+
+def model_max_positions(cfg: DictConfig) -> int | None:
+    """Tokens (prompt + response) the model takes: the embedded model's `model.tiny.max_positions`,
+    or `max_position_embeddings` in model.path's config.json (None when it has none)."""
+    if cfg.model.path is None:
+        return int(cfg.model.tiny.max_positions)
+    try:
+        value = json.loads((Path(cfg.model.path) / "config.json").read_text()).get("max_position_embeddings")
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"model.path '{cfg.model.path}': config.json cannot be read: {_one_line(exc)}") from None
+    return value if isinstance(value, int) else None
 
 
 def validate(cfg: DictConfig) -> None:
@@ -225,19 +265,32 @@ def validate(cfg: DictConfig) -> None:
     _require(s.max_operand >= 1 and s.num_train >= 1 and s.num_test >= 1,
              "data.synthetic.max_operand, num_train and num_test must be >= 1.")
     _require(len(s.ops) >= 1 and set(s.ops) <= set("+-*"), "data.synthetic.ops must use only + - *.")
+    from resrl import synthetic
     from resrl.synthetic import FLAWS
     _require(s.flaw in FLAWS, f"data.synthetic.flaw must be one of {', '.join(FLAWS)}, got '{s.flaw}'.")
     _require(0.0 <= s.flawed_fraction <= 1.0,
              f"data.synthetic.flawed_fraction must be in [0, 1], got {s.flawed_fraction}.")
     _require(s.flaw == "none" or s.max_terms >= 3,
              f"data.synthetic.flaw={s.flaw} needs problems of >= 3 terms (two steps); max_terms is {s.max_terms}.")
+    _require(0 <= cfg.reward.max_error_fraction <= 1,
+             f"reward.max_error_fraction must be in [0, 1], got {cfg.reward.max_error_fraction}.")
     ls = cfg.reward.length_scale
     _require(0 <= ls.end_scale <= 1, "reward.length_scale.end_scale must be in [0, 1].")
     _require(ls.start_tokens >= 0, "reward.length_scale.start_tokens must be >= 0.")
     if cfg.reward.function is not None:
         _require(":" in cfg.reward.function, "reward.function must look like 'module:function'.")
+        from resrl.rewards import load_reward_function
+
+        load_reward_function(cfg.reward.function)  # imported now: a typo fails here, not after data preparation
+    if cfg.data.source == "synthetic":
+        synthetic.check_problem_space(s)
     if cfg.model.path is not None:
         check_model_dir(cfg.model.path)
+    max_new = max(r.max_tokens, e.max_tokens)
+    positions = model_max_positions(cfg)
+    _require(positions is None or max_new <= positions,  # with the prompts: checked after data preparation
+             f"rollout.max_tokens/eval.max_tokens ({max_new}) exceed the model's {positions} positions "
+             "(model.tiny.max_positions, or max_position_embeddings of model.path).")
     if cfg.warmstart.enabled:
         _require(cfg.warmstart.steps >= 1 and cfg.warmstart.batch_size >= 1 and cfg.warmstart.lr > 0,
                  "warmstart.steps, batch_size and lr must be positive.")

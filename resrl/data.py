@@ -21,13 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from resrl import synthetic
+from resrl.errors import UserError
 from resrl.rewards.math_equiv import last_boxed
 from resrl.rewards.numeric import gsm8k_ground_truth
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Input data that cannot be used."""
 
 
@@ -64,10 +65,19 @@ class PrepSummary:
 def _read_file(path: Path) -> list[dict]:
     from datasets import Dataset, load_dataset
 
-    if path.suffix == ".arrow":
-        return Dataset.from_file(str(path)).to_list()
-    kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}[path.suffix]
-    return load_dataset(kind, data_files=str(path), split="train").to_list()
+    if path.stat().st_size == 0:
+        raise DataError(f"data file '{path}' is empty")
+    try:
+        if path.suffix == ".arrow":
+            return Dataset.from_file(str(path)).to_list()
+        kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}[path.suffix]
+        return load_dataset(kind, data_files=str(path), split="train").to_list()
+    except Exception as exc:  # noqa: BLE001 - garbage, another encoding, a truncated file: the user's to fix
+        root = exc
+        while root.__cause__ is not None or root.__context__ is not None:  # datasets wraps the parser's error
+            root = root.__cause__ or root.__context__
+        detail = " ".join(f"{type(root).__name__}: {root}".split())[:300]
+        raise DataError(f"data file '{path}' cannot be read as {path.suffix[1:]} ({detail})") from None
 
 
 def load_raw_splits(path: str, split_train: str, split_test: str) -> dict[str, list[dict]]:
@@ -282,8 +292,10 @@ def prepare_dataset(cfg, tokenizer, out_dir: Path) -> PrepSummary:
     dd = {}
     for split, n in (("train", cfg.data.num_train), ("test", cfg.data.num_test)):
         rows = prepare_rows(_take(splits[split], n, cfg.seed), cfg, tokenizer, summary, split)
-        if not rows:
-            raise DataError(f"data preparation left no {split} prompts ({'; '.join(summary.lines())})")
+        if not rows:  # e.g. a held-out slice of over-long prompts, all dropped
+            hint = ("; raise data.max_prompt_tokens or set data.overlong_prompts=truncate"
+                    if summary.skipped["overlong_prompt"] else "")
+            raise DataError(f"data preparation left no {split} prompts ({'; '.join(summary.lines())}){hint}")
         dd[split] = Dataset.from_list(rows)
     DatasetDict(dd).save_to_disk(str(out_dir))
     (out_dir / "summary.json").write_text(json.dumps({"kept": summary.kept, "skipped": dict(summary.skipped),

@@ -9,17 +9,25 @@ import json
 import time
 
 from resrl import seeds
+from resrl.errors import UserError
 from resrl.metrics import avg_at_k, diversity, pass_at_k_table
 from resrl.rewards import is_correct
 
 
 
-def score_samples(reward_fn, rows, outputs) -> tuple[list[float], int]:
-    """Verifier scores for every sample; a reward that raises scores 0 and is counted."""
+class RewardError(UserError):
+    """Too many reward calls failed: the scores would say nothing."""
+
+
+def score_samples(reward_fn, rows, outputs, max_error_fraction: float = 1.0) -> tuple[list[float], int]:
+    """Verifier scores for every sample; a reward that raises scores 0 and is counted.
+
+    More failed calls than `max_error_fraction` of the samples raise RewardError: a reward
+    that fails everywhere would otherwise train on zeros and end as a "successful" run."""
     from resrl.rewards import math_equiv
 
     failed_before = math_equiv.COUNTERS["timeouts"] + math_equiv.COUNTERS["errors"]
-    scores, errors = [], 0
+    scores, errors, first = [], 0, None
     for row, samples in zip(rows, outputs):
         extra = row.get("extra_info")
         if isinstance(extra, str):  # stored as JSON text in the prepared dataset; rewards get a dict
@@ -27,10 +35,16 @@ def score_samples(reward_fn, rows, outputs) -> tuple[list[float], int]:
         for _, text, *_ in samples:
             try:
                 scores.append(float(reward_fn(row["data_source"], text, row["answer"], extra)))
-            except Exception:  # noqa: BLE001 - a broken reward never stops a run
+            except Exception as exc:  # noqa: BLE001 - a broken reward call scores 0; too many stop the run
                 scores.append(0.0)
                 errors += 1
+                first = first or f"{type(exc).__name__}: {str(exc)[:200]}"
     errors += math_equiv.COUNTERS["timeouts"] + math_equiv.COUNTERS["errors"] - failed_before
+    if scores and errors / len(scores) > max_error_fraction:
+        name = getattr(reward_fn, "__module__", "?") + ":" + getattr(reward_fn, "__qualname__", "?")
+        raise RewardError(f"the reward function {name} failed on {errors} of {len(scores)} samples (more than "
+                          f"reward.max_error_fraction={max_error_fraction})"
+                          + (f"; first error: {first}" if first else " (verifier timeouts or errors)"))
     return scores, errors
 
 
@@ -39,8 +53,8 @@ def eval_k(eval_cfg, final: bool) -> int:
     return eval_cfg.final_k if final and eval_cfg.final_k else eval_cfg.k
 
 
-def evaluate(engine, test_set, eval_cfg, reward_fn, seed: int, step: int, *, final: bool = False
-             ) -> tuple[dict[str, float], list[dict]]:
+def evaluate(engine, test_set, eval_cfg, reward_fn, seed: int, step: int, *, final: bool = False,
+             max_error_fraction: float = 1.0) -> tuple[dict[str, float], list[dict]]:
     """Metrics (keys `eval/...`: avg_at_K, pass_at_1..K with K = eval_k(...)) and up to
     `num_logged_samples` sample rows."""
     e = eval_cfg
@@ -51,7 +65,7 @@ def evaluate(engine, test_set, eval_cfg, reward_fn, seed: int, step: int, *, fin
     outputs = engine.generate([row["prompt_token_ids"] for row in rows], n=k, temperature=e.temperature,
                               top_p=e.top_p, top_k=-1, max_tokens=e.max_tokens,
                               seed=seeds.evaluation(seed))
-    scores, errors = score_samples(reward_fn, rows, outputs)
+    scores, errors = score_samples(reward_fn, rows, outputs, max_error_fraction)
     correct = [[is_correct(s) for s in scores[i * k:(i + 1) * k]] for i in range(n_prompts)]
     texts = [[text for _, text, *_ in samples] for samples in outputs]
     metrics = {f"eval/avg_at_{k}": avg_at_k(correct), "eval/k": float(k)}

@@ -10,14 +10,20 @@ import time
 from pathlib import Path
 
 from resrl.cache import cached_dir, key_of
-from resrl.data import load_prepared, load_summary, prepare_dataset
+from resrl.data import DataError, load_prepared, load_summary, prepare_dataset
 
 
 
-def _model_identity(path: Path) -> list:
-    """Path plus size and mtime of its files: a changed model gets a new cache key."""
-    return [str(path.resolve())] + sorted((f.name, f.stat().st_size, int(f.stat().st_mtime))
-                                          for f in path.iterdir() if f.is_file())
+def files_identity(path: Path) -> list:
+    """Path plus name, size and mtime (ns) of every file under it: edited inputs (a model
+    folder, a data file or folder) get a new cache key. Empty for a path that does not
+    exist here (e.g. a hub dataset name)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())
+    return [str(path.resolve())] + [(str(f.relative_to(path)) if f != path else f.name, f.stat().st_size,
+                                     f.stat().st_mtime_ns) for f in files]
 
 
 def prepare_base_and_data(cfg) -> dict:
@@ -33,12 +39,31 @@ def prepare_base_and_data(cfg) -> dict:
                              lambda d: save_embedded_base(d, cfg.model.tiny, cfg.seed))
     else:
         base = Path(cfg.model.path)
-        base_key = key_of(_model_identity(base))
+        base_key = key_of(files_identity(base))
     tokenizer = AutoTokenizer.from_pretrained(str(base))
-    data_key = key_of(dict(cfg.data), base_key, cfg.seed)
+    # the input files' identity joins the key only when there are files: synthetic data keeps its old keys
+    data_files = files_identity(cfg.data.path) if cfg.data.path is not None else []
+    data_key = key_of(dict(cfg.data), base_key, cfg.seed, *([data_files] if data_files else []))
     dataset_dir, reused = cached_dir(cache / "data" / data_key, lambda d: prepare_dataset(cfg, tokenizer, d))
     return {"base_dir": base, "base_key": base_key, "dataset_dir": dataset_dir, "data_key": data_key,
             "data_reused": reused}
+
+
+def check_room_for_prompts(cfg, dataset_dir: Path) -> None:
+    """DataError unless the longest prepared prompt plus the response budget fits the model
+    (validation checked the budget alone; the prompts are known only now, before any engine starts)."""
+    from resrl.config import model_max_positions
+
+    positions = model_max_positions(cfg)
+    if positions is None:
+        return
+    data = load_prepared(dataset_dir)
+    longest = max(max(len(p) for p in data[split]["prompt_token_ids"]) for split in data.keys())
+    max_new = max(cfg.rollout.max_tokens, cfg.eval.max_tokens)
+    if longest + max_new > positions:
+        raise DataError(f"the longest prompt ({longest} tokens) plus rollout.max_tokens/eval.max_tokens ({max_new}) "
+                        f"exceed the model's {positions} positions; set data.max_prompt_tokens to at most "
+                        f"{positions - max_new} or lower the max_tokens")
 
 
 def prepare(cfg, progress: bool = True) -> dict:
@@ -49,6 +74,7 @@ def prepare(cfg, progress: bool = True) -> dict:
     got = prepare_base_and_data(cfg)
     base, dataset_dir = got["base_dir"], got["dataset_dir"]
     summary = load_summary(dataset_dir)
+    check_room_for_prompts(cfg, dataset_dir)
     metrics = dict(summary.as_metrics())
     policy = base
     warm_reused = None

@@ -5,21 +5,58 @@ trainer's weights are copied into it in place (`reload_weights`).
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Iterable
 
 import torch
 
 
-
 def on_cuda() -> bool:
     return torch.cuda.is_available()
+
+
+# vLLM warnings that say nothing about a run; by logger, the exact message starts. (The
+# RotaryEmbedding one comes at every weight sync: that layer has no weights, only a cache.)
+HARMLESS_VLLM_WARNINGS = {
+    "vllm.model_executor.model_loader.reload.layerwise": ("%s: Failed to load weights",),
+    "vllm.triton_utils.importing": ("Triton is installed, but doesn't include CPU backend",
+                                    "Triton found 0 active drivers"),
+    "vllm.v1.worker.cpu_worker": ("Node %s is not in available memory nodes", "CPU group key %s is not a valid"),
+}
+
+
+class _HarmlessWarnings(logging.Filter):
+    def __init__(self, starts: tuple[str, ...]):
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(self.starts):
+            return True
+        if record.msg == "%s: Failed to load weights":
+            return record.args != ("RotaryEmbedding",)  # any other layer failing to load is real
+        return False
+
+
+def quiet_vllm() -> None:
+    """Drop the harmless warnings above (before vLLM is imported: some come at import), and
+    torch's reduce_op FutureWarning, which DeepSpeed triggers."""
+    import warnings
+
+    for name, starts in HARMLESS_VLLM_WARNINGS.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _HarmlessWarnings) for f in logger.filters):
+            logger.addFilter(_HarmlessWarnings(starts))
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.reduce_op.* is deprecated",
+                            category=FutureWarning)
 
 
 class RolloutEngine:
     def __init__(self, model_path: str, rollout_cfg, *, dtype: str, max_model_len: int, seed: int):
         # Keep the engine core in this process: weights can then be synced in memory.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        quiet_vllm()
         from vllm import LLM
 
         kwargs = dict(model=str(model_path), dtype=dtype, seed=seed, max_model_len=max_model_len,

@@ -88,7 +88,7 @@ class TrainingSession:
         outputs = self.engine.generate([row["prompt_token_ids"] for row in rows], n=r.n, temperature=r.temperature,
                                        top_p=r.top_p, top_k=r.top_k, max_tokens=r.max_tokens,
                                        seed=seeds.rollout(cfg.seed, step), logprobs=True)
-        scores, errors = score_samples(self.reward_fn, rows, outputs)
+        scores, errors = score_samples(self.reward_fn, rows, outputs, cfg.reward.max_error_fraction)
         prompt_ids, response_ids, texts, group_ids, sampler_logp = [], [], [], [], []
         for g, (row, samples) in enumerate(zip(rows, outputs)):
             for ids, text, logp in samples:
@@ -132,7 +132,8 @@ class TrainingSession:
 
     def evaluate(self, step: int, final: bool = False) -> tuple[dict[str, float], list[dict]]:
         """Avg@k, Pass@1,2,4..k and diversity on the held-out prompts; plus sample rows."""
-        return evaluate(self.engine, self.test_set, self.cfg.eval, self.reward_fn, self.cfg.seed, step, final=final)
+        return evaluate(self.engine, self.test_set, self.cfg.eval, self.reward_fn, self.cfg.seed, step, final=final,
+                        max_error_fraction=self.cfg.reward.max_error_fraction)
 
     def save_checkpoint(self, ckpt_dir: Path, step: int) -> None:
         self.trainer.save_checkpoint(ckpt_dir, step)

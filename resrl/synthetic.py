@@ -60,6 +60,18 @@ def problem_space(cfg) -> int:
     return sum((cfg.max_operand + 1) ** k * len(cfg.ops) ** (k - 1) for k in range(cfg.min_terms, cfg.max_terms + 1))
 
 
+def check_problem_space(cfg) -> None:
+    """ConfigError unless the settings have room for the asked number of distinct problems
+    (cheap: validation calls it before anything is built)."""
+    from resrl.config import ConfigError
+
+    space = problem_space(cfg)
+    wanted = cfg.num_test + cfg.num_train
+    if wanted > 0.5 * space:
+        raise ConfigError(f"data.synthetic asks for {wanted} distinct problems but only {space} exist "
+                          "with these settings; raise max_operand or max_terms, or lower num_train/num_test.")
+
+
 def generate_rows(cfg, seed: int) -> dict[str, list[dict]]:
     """{"train": [...], "test": [...]} rows with question, solution, answer, data_source, prompt_id.
 
@@ -70,11 +82,7 @@ def generate_rows(cfg, seed: int) -> dict[str, list[dict]]:
     flaw_rng = random.Random(seed + 7_777)
     seen: set[str] = set()
     out: dict[str, list[dict]] = {}
-    space = problem_space(cfg)
-    wanted = cfg.num_test + cfg.num_train
-    if wanted > 0.5 * space:
-        raise ValueError(f"data.synthetic asks for {wanted} distinct problems but only {space} exist "
-                         "with these settings; raise max_operand or max_terms.")
+    check_problem_space(cfg)
     for split, count in (("test", cfg.num_test), ("train", cfg.num_train)):
         rows = []
         while len(rows) < count:

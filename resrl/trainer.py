@@ -86,7 +86,9 @@ def capture_hidden(model, layer: int):
     L = len(layers)
     j = layer + L + 1 if layer < 0 else layer
     if not 1 <= j <= L:
-        raise ValueError(f"algorithm.hidden_layer={layer} is outside 1..{L} (or -1..-{L})")
+        from resrl.config import ConfigError
+
+        raise ConfigError(f"algorithm.hidden_layer={layer} is outside 1..{L} (or -1..-{L})")
     target = base.norm if j == L else layers[j - 1]
 
     def hook(_module, _inputs, output):

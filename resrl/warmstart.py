@@ -24,7 +24,9 @@ def warm_start(base_dir, out_dir, train_rows, cfg, progress: bool = True) -> dic
     examples = [(r["prompt_token_ids"], tokenizer(r["solution"], add_special_tokens=False)["input_ids"] + [eos])
                 for r in train_rows if r["solution"]]
     if not examples:
-        raise ValueError("warmstart.enabled=true but the training data has no worked solutions; "
+        from resrl.config import ConfigError
+
+        raise ConfigError("warmstart.enabled=true but the training data has no worked solutions; "
                          "set warmstart.enabled=false")
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)

@@ -6,11 +6,14 @@ run"), so several runs can log from one process without stepping on each other.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 from resrl.config import flatten
+from resrl.errors import UserError
 
 MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def tracking_uri(cfg) -> str:
@@ -30,35 +33,90 @@ def is_local_store(uri: str) -> bool:
     return uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri
 
 
-def client_for(cfg):
+class TrackingUnreachable(UserError):
+    """The tracking server does not answer."""
+
+
+_OPENED: set[str] = set()  # stores this process has checked (and, for SQLite, created)
+
+
+def open_store(cfg) -> str:
+    """Check the store once per process, in seconds, before any heavy work; returns its URI.
+
+    - a tracking server must answer a short request (MLflow's own client retries for
+      minutes before it gives up on an unreachable server);
+    - a new SQLite store is created under an flock on `<db>.lock`: its schema migration
+      crashes when several processes run it at once (parallel runs, sweeps)."""
     from mlflow.tracking import MlflowClient
 
     uri = tracking_uri(cfg)
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    return MlflowClient(tracking_uri=uri)
+    if uri in _OPENED:
+        return uri
+    if uri.startswith(("http://", "https://")):
+        check_reachable(uri)
+    elif uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        db.parent.mkdir(parents=True, exist_ok=True)
+        with file_lock(db.with_name(db.name + ".lock")):
+            MlflowClient(tracking_uri=uri)  # creates (migrates) the store when it is new
+    _OPENED.add(uri)
+    return uri
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Raise TrackingUnreachable unless something answers HTTP at `uri`."""
+    import http.client
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        return  # it answers (e.g. auth or a proxy in front); MLflow's own calls report the details
+    except (OSError, ValueError, http.client.HTTPException) as exc:  # refused, timed out, not HTTP
+        reason = getattr(exc, "reason", exc)
+        raise TrackingUnreachable(
+            f"the MLflow tracking server {uri} is not reachable ({reason}); start it (bash infra/mlflow-server.sh), "
+            "or fix MLFLOW_TRACKING_URI / run.tracking_uri (unset both for a local SQLite store)") from None
+
+
+@contextmanager
+def file_lock(path: Path):
+    """An exclusive flock on `path`, waited for; the OS drops it if the holder dies."""
+    import fcntl
+
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def client_for(cfg):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=open_store(cfg))
 
 
 def ensure_experiment(cfg) -> str:
     """Experiment id for run.experiment; created (with a pinned artifact root for local stores) if needed.
 
-    Creating an SQLite store runs its schema migration; do this once before starting
-    parallel runs against a new store.
+    It is tagged as MLflow's "custom model development" kind (the UI asks otherwise).
     """
     client = client_for(cfg)
     exp = client.get_experiment_by_name(cfg.run.experiment)
-    if exp is not None:
-        return exp.experiment_id
-    location = None
-    if is_local_store(tracking_uri(cfg)):
-        location = Path(local_artifact_root(cfg)).as_uri()
-    try:
-        return client.create_experiment(cfg.run.experiment, artifact_location=location)
-    except Exception:  # created concurrently by another process
+    if exp is None:
+        location = None
+        if is_local_store(tracking_uri(cfg)):
+            location = Path(local_artifact_root(cfg)).as_uri()
+        try:
+            client.create_experiment(cfg.run.experiment, artifact_location=location, tags=EXPERIMENT_TAGS)
+        except Exception:  # created concurrently by another process
+            if client.get_experiment_by_name(cfg.run.experiment) is None:
+                raise
         exp = client.get_experiment_by_name(cfg.run.experiment)
-        if exp is None:
-            raise
-        return exp.experiment_id
+    for key, value in EXPERIMENT_TAGS.items():  # also on experiments created before the tag was set
+        if exp.tags.get(key) != value:
+            client.set_experiment_tag(exp.experiment_id, key, value)
+    return exp.experiment_id
 
 
 def start_run(cfg, run_name: str, tags: dict[str, str], parent_run_id: str | None = None) -> str:

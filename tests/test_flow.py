@@ -150,4 +150,5 @@ def test_resume_after_kill_continues_the_same_run(workdir, prefect_api_url, smok
     client = MlflowClient(tracking_uri=store)  # MLFLOW_TRACKING_URI was honoured
     steps = {m.step for m in client.get_metric_history(final["mlflow_run_id"], "train/reward_mean")}
     assert steps == set(range(1, 7))
+    assert len(client.get_metric_history(final["mlflow_run_id"], "data/train_rows")) == 1  # not again on resume
     assert client.get_run(final["mlflow_run_id"]).info.status == "FINISHED"

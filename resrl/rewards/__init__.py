@@ -47,13 +47,15 @@ def load_reward_function(spec: Optional[str]) -> Callable[..., float]:
     """`None` -> compute_score; `"pkg.module:fn"` -> that function (verl signature)."""
     if spec is None:
         return compute_score
+    from resrl.config import ConfigError
+
     module_name, _, attr = spec.partition(":")
     try:
         fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ValueError(f"reward.function {spec!r} cannot be loaded: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - any failure while importing the user's module is theirs to fix
+        raise ConfigError(f"reward.function {spec!r} cannot be loaded: {type(exc).__name__}: {exc}") from None
     if not callable(fn):
-        raise ValueError(f"reward.function {spec!r} is not callable")
+        raise ConfigError(f"reward.function {spec!r} is not callable")
     return fn
 
 
