@@ -222,7 +222,7 @@ def _start_train(tmp_path: Path, workdir: Path) -> tuple[subprocess.Popen, Path]
     returns once its flow run holds the run folder."""
     from resrl.config import load_config, run_dir
 
-    args = tiny_run(workdir, tmp_path, "trainer.steps=50")
+    args = tiny_run(workdir, tmp_path, "trainer.steps=100000")  # still running when the test stops it
     state = run_dir(load_config(SMOKE, args)) / "state.json"
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     proc = subprocess.Popen([sys.executable, "-m", "resrl.cli", "train", "--config", SMOKE, *args], cwd=ROOT,
