@@ -55,7 +55,7 @@ def lane_flow(configs: list[dict], claims_dir: str) -> None:
     A sweep starts `concurrency` lanes; each takes the next point nobody has claimed yet
     (an exclusive file create in `claims_dir`), so lanes balance themselves and a point
     trains once. One process per lane, not per point: the imports (torch, vLLM,
-    DeepSpeed, Prefect, MLflow: ~20 s on 2 cores) and the process start are paid once.
+    DeepSpeed, Prefect, MLflow: 20-30 s on 2 cores) and the process start are paid once.
     A point that fails is recorded (FAILED in MLflow, as any run) and the lane goes on.
     """
     from flows.train import train_flow
