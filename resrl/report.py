@@ -80,6 +80,24 @@ def _fmt_diff(mean: float, ci: float) -> str:
     return text if math.isnan(ci) or abs(mean) > ci else text + " (0 inside)"
 
 
+def _label(keys: list[str], values) -> str:
+    """A configuration's legend label: `rank=8, min_weight=0.1` (last part of each key)."""
+    return ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in zip(keys, values)) or "all"
+
+
+def _save(fig, ax, path: Path, title: str) -> Path:
+    """The line plots' common finish: grid, legend, title, saved and closed."""
+    import matplotlib.pyplot as plt
+
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def write_report(runs: pd.DataFrame, out_dir: Path, *, sweep_id: str, group_keys: list[str], headline: str,
                  heatmap: list[str], reference: dict | None = None) -> dict[str, Path]:
     """Markdown + PNGs into out_dir; returns the written files."""
@@ -101,7 +119,7 @@ def write_report(runs: pd.DataFrame, out_dir: Path, *, sweep_id: str, group_keys
         fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
         ks = [int(c.rsplit("_", 1)[1]) for c in pass_cols]
         for row in table.to_dict("records"):
-            label = ", ".join(f"{k.rsplit('.', 1)[-1]}={row[k]}" for k in group_keys) or "all"
+            label = _label(group_keys, [row[k] for k in group_keys])
             ys = [row[c] for c in pass_cols]
             err = [0 if math.isnan(row[f"{c}_ci95"]) else row[f"{c}_ci95"] for c in pass_cols]
             line, = ax.plot(ks, ys, marker="o", label=label)
@@ -111,13 +129,7 @@ def write_report(runs: pd.DataFrame, out_dir: Path, *, sweep_id: str, group_keys
         ax.set_xlabel("k")
         ax.set_ylabel("Pass@k")
         ax.set_ylim(0, 1.02)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
-        ax.set_title(f"Pass@k by configuration ({sweep_id})", fontsize=9)
-        fig.tight_layout()
-        files["curves"] = out_dir / "pass_at_k.png"
-        fig.savefig(files["curves"])
-        plt.close(fig)
+        files["curves"] = _save(fig, ax, out_dir / "pass_at_k.png", f"Pass@k by configuration ({sweep_id})")
 
     # lazy likelihood displacement per step, one line per configuration (mean over seeds, 95 % band)
     if "lld_curve" in runs.columns and len(table):
@@ -132,19 +144,13 @@ def write_report(runs: pd.DataFrame, out_dir: Path, *, sweep_id: str, group_keys
             stats = [mean_ci95([c[t] for c in curves if c[t] == c[t]]) for t in steps]
             mean = [m for m, _, _ in stats]
             half = [0.0 if math.isnan(h) else h for _, h, _ in stats]
-            label = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in zip(group_keys, key)) or "all"
+            label = _label(group_keys, key)
             ax.plot(steps, mean, label=label)
             ax.fill_between(steps, [m - h for m, h in zip(mean, half)], [m + h for m, h in zip(mean, half)], alpha=0.2)
         ax.axhline(0, color="k", lw=0.5)
         ax.set_xlabel("RL step")
         ax.set_ylabel("LLD: Δ log p(correct) per token")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
-        ax.set_title(f"Likelihood displacement of the positives ({sweep_id})", fontsize=9)
-        fig.tight_layout()
-        files["lld"] = out_dir / "lld.png"
-        fig.savefig(files["lld"])
-        plt.close(fig)
+        files["lld"] = _save(fig, ax, out_dir / "lld.png", f"Likelihood displacement of the positives ({sweep_id})")
 
     # heat map of the headline metric over two swept keys: mean over seeds (and anything else
     # not on the axes) with the 95 % half-width under it
@@ -187,7 +193,7 @@ def write_report(runs: pd.DataFrame, out_dir: Path, *, sweep_id: str, group_keys
             [c for c in metric_cols if c.startswith("train/")]
         k_cols = list(dict.fromkeys(k_cols))
         diffs = paired_differences(runs, group_keys, reference, k_cols)
-        ref_label = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in reference.items())
+        ref_label = _label(list(reference), list(reference.values()))
         lines += ["", f"## Paired differences against {ref_label}", "",
                   "Each configuration minus the reference, seed by seed (same warm-start, same prompts); mean ± "
                   "half-width of the 95 % t-interval of the differences. An interval that contains 0 is not a "
