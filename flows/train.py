@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
+from resrl import interrupts
 from resrl.config import ConfigError, config_hash, from_dict, load_config, run_dir, run_name, to_dict, validate
 from resrl.run_state import RunState, checkpoint_dir, prune_checkpoints, run_lock
 from tasks import tracking
@@ -162,10 +163,12 @@ def _train(cfg, config: dict, rdir: Path, state: RunState, run_id: str, client, 
 
     steps = cfg.trainer.steps
     last_eval: dict = {}
+    interrupts.check()
     due = state.step == 0 or state.step % cfg.eval.every == 0 or state.step == steps
     if due and state.step not in state.evaluated:  # step 0, or an evaluation an interruption skipped
         last_eval = evaluate(state.step)
     for step in range(state.step + 1, steps + 1):
+        interrupts.check()  # a Ctrl-C that a destructor swallowed stops the run here
         roll = generate_rollouts(config, prepared, step)
         upd = update_policy(config, prepared, roll["path"], step)
         metrics = {**roll["metrics"], **upd["metrics"]}
@@ -187,6 +190,7 @@ def _train(cfg, config: dict, rdir: Path, state: RunState, run_id: str, client, 
             state.save(rdir)
             prune_checkpoints(rdir, cfg.run.keep_checkpoints, committed=step)
         if step % cfg.eval.every == 0 or step == steps:
+            interrupts.check()
             last_eval = evaluate(step)
     final_policy = checkpoint_dir(rdir, steps) / "policy" if steps > 0 else Path(prepared["policy_dir"])
     client.log_artifacts(run_id, str(final_policy), artifact_path="policy")

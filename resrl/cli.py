@@ -180,7 +180,10 @@ def _export_verl(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     set_environment_defaults()
     args = _parse(argv)
+    from resrl import interrupts
     from resrl.errors import UserError
+
+    interrupts.install()  # a Ctrl-C swallowed by a destructor is raised again between steps
 
     try:
         if args.command == "train":

@@ -10,6 +10,8 @@ import random
 
 import torch
 
+from resrl import interrupts
+
 
 def warm_start(base_dir, out_dir, train_rows, cfg, progress: bool = True) -> dict[str, float]:
     """Fine-tune `base_dir` on prompt + solution (loss on the solution) into `out_dir`."""
@@ -37,6 +39,7 @@ def warm_start(base_dir, out_dir, train_rows, cfg, progress: bool = True) -> dic
     losses = []
     bar = tqdm(range(w.steps), desc="warm-start", disable=not progress, mininterval=2.0)
     for _ in bar:
+        interrupts.check()  # see resrl/interrupts.py
         batch = [examples[rng.randrange(len(examples))] for _ in range(w.batch_size)]
         L = max(len(p) + len(s) for p, s in batch)
         ids = torch.full((len(batch), L), eos, dtype=torch.long)

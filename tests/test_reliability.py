@@ -235,9 +235,6 @@ def _start_train(tmp_path: Path, workdir: Path) -> tuple[subprocess.Popen, Path]
     return proc, state
 
 
-@pytest.mark.skip(reason="known bug (issue 11, open): in a clean-clone CI run, SIGINT to the process group "
-                         "did not stop `resrl train` within 120 s (it passed when run alone); left running, "
-                         "the 100000-step run would load the rest of the suite")
 def test_ctrl_c_exits_in_seconds_with_one_line_and_leaves_the_run_resumable(workdir, tmp_path):
     proc, state = _start_train(tmp_path, workdir)
     servers = _children(proc.pid)
@@ -246,12 +243,39 @@ def test_ctrl_c_exits_in_seconds_with_one_line_and_leaves_the_run_resumable(work
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
     _, err = proc.communicate(timeout=120)
     took = time.time() - t0
-    assert proc.returncode == 130, err[-3000:]
+    # 130, or -SIGINT: CPython ends by re-raising SIGINT on itself when the interrupt passed through
+    # a C-level PyRun_* call on its way (a shell shows both as 130)
+    assert proc.returncode in (130, -signal.SIGINT), err[-3000:]
     assert took < 30, f"took {took:.0f}s"
     assert any(line.startswith("resrl: interrupted;") and "run the same command again to resume" in line
                for line in err.splitlines()), err[-3000:]
     assert json.loads(state.read_text())["mlflow_run_id"]  # the run folder is kept
     assert servers and not any(_alive(pid) for pid in servers)  # the temporary Prefect server went with it
+
+
+def test_a_ctrl_c_that_a_destructor_swallows_is_raised_again_at_the_next_check(monkeypatch):
+    """Python raises KeyboardInterrupt wherever the main thread is; inside a destructor or weakref
+    callback it is reported as unraisable and dropped (seen in real runs, during garbage collection)."""
+    from resrl import interrupts
+
+    swallowed: list = []
+    monkeypatch.setattr(sys, "unraisablehook", swallowed.append)
+    old = signal.getsignal(signal.SIGINT)
+    interrupts.install()
+    try:
+        class PressesCtrlC:
+            def __del__(self):
+                signal.raise_signal(signal.SIGINT)  # the handler runs here, inside the destructor
+
+        obj = PressesCtrlC()
+        del obj  # the KeyboardInterrupt does not get past the destructor...
+        assert [u.exc_type for u in swallowed] == [KeyboardInterrupt]
+        with pytest.raises(KeyboardInterrupt):  # ...but the next check raises it
+            interrupts.check()
+    finally:
+        signal.signal(signal.SIGINT, old)
+        interrupts.reset()
+    interrupts.check()  # nothing pending after a reset
 
 
 def test_kill_9_leaves_no_prefect_server_behind(workdir, tmp_path):
