@@ -14,6 +14,7 @@ naming the fields and showing an example row.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from collections import Counter
@@ -231,8 +232,8 @@ def format_prompt(row: dict, cfg, tokenizer) -> str:
     return cfg.data.prompt_template.format(question=row["question"])
 
 
-def prepare_rows(rows: list[dict], cfg, tokenizer, summary: PrepSummary, split: str) -> list[dict]:
-    out = []
+def usable_rows(rows, cfg, tokenizer, summary: PrepSummary):
+    """Prepared rows in order, over-long prompts dropped or truncated (data.overlong_prompts)."""
     limit = cfg.data.max_prompt_tokens
     for row in rows:
         prompt = format_prompt(row, cfg, tokenizer)
@@ -244,24 +245,24 @@ def prepare_rows(rows: list[dict], cfg, tokenizer, summary: PrepSummary, split: 
             ids = ids[-limit:]
             prompt = tokenizer.decode(ids)
             summary.truncated += 1
-        out.append({"prompt": prompt, "prompt_token_ids": ids, "question": row["question"],
-                    "messages": json.dumps(row.get("messages") or []), "answer": str(row["answer"]),
-                    "data_source": row["data_source"], "prompt_id": str(row["prompt_id"]),
-                    "extra_info": json.dumps(row.get("extra_info") or {}), "solution": row.get("solution") or ""})
-    summary.kept[split] = len(out)
-    return out
+        yield {"prompt": prompt, "prompt_token_ids": ids, "question": row["question"],
+               "messages": json.dumps(row.get("messages") or []), "answer": str(row["answer"]),
+               "data_source": row["data_source"], "prompt_id": str(row["prompt_id"]),
+               "extra_info": json.dumps(row.get("extra_info") or {}), "solution": row.get("solution") or ""}
 
 
-def _take(rows: list[dict], n, seed: int) -> list[dict]:
+def _shuffled(rows: list[dict], n, seed: int) -> list[dict]:
+    """All rows in file order, or (when only n are wanted) in a seeded random order."""
     if n is None or n >= len(rows):
         return rows
     rows = list(rows)
     random.Random(seed).shuffle(rows)
-    return rows[:n]
+    return rows
 
 
-def adapted_splits(cfg, summary: PrepSummary) -> dict[str, list[dict]]:
-    """Adapted rows for "train" and "test" (a held-out slice when the source has one split)."""
+def adapted_splits(cfg, summary: PrepSummary) -> dict[str, list[dict] | None]:
+    """Adapted rows for "train" and "test"; "test" is None when the source has one split
+    (prepare_dataset then holds out data.num_test of its usable rows)."""
     d = cfg.data
     if d.source == "synthetic":
         return synthetic.generate_rows(d.synthetic, cfg.seed)
@@ -272,27 +273,39 @@ def adapted_splits(cfg, summary: PrepSummary) -> dict[str, list[dict]]:
         raise DataError(f"data.path '{d.path}' has no split '{d.split_train}' (found: {', '.join(raw)})")
     train = adapt_split(raw[d.split_train], d.source, d.split_train, summary, d.max_bad_fraction)
     if d.split_test in raw:
-        test = adapt_split(raw[d.split_test], d.source, d.split_test, summary, d.max_bad_fraction)
-    else:
-        if d.num_test is None:
-            raise DataError(f"data.path '{d.path}' has no '{d.split_test}' split; set data.num_test to hold out "
-                            "that many training rows for evaluation")
-        train = list(train)
-        random.Random(cfg.seed + 1).shuffle(train)
-        test, train = train[:d.num_test], train[d.num_test:]
-    return {"train": train, "test": test}
+        return {"train": train, "test": adapt_split(raw[d.split_test], d.source, d.split_test, summary,
+                                                    d.max_bad_fraction)}
+    if d.num_test is None:
+        raise DataError(f"data.path '{d.path}' has no '{d.split_test}' split; set data.num_test to hold out "
+                        "that many training rows for evaluation")
+    return {"train": train, "test": None}
 
 
 def prepare_dataset(cfg, tokenizer, out_dir: Path) -> PrepSummary:
-    """Build the train/test dataset for `cfg` into out_dir (a `datasets.DatasetDict`)."""
+    """Build the train/test dataset for `cfg` into out_dir (a `datasets.DatasetDict`).
+
+    Rows are picked after over-long prompts are dropped, so each split gets its
+    data.num_* rows whenever the source has that many usable ones."""
     from datasets import Dataset, DatasetDict
 
+    d = cfg.data
     summary = PrepSummary()
     splits = adapted_splits(cfg, summary)
+    if splits["test"] is None:  # one split: hold out the first usable rows of a seeded shuffle
+        pool = list(splits["train"])
+        random.Random(cfg.seed + 1).shuffle(pool)
+        usable = usable_rows(pool, cfg, tokenizer, summary)
+        prepared = {"test": list(itertools.islice(usable, d.num_test))}
+        prepared["train"] = list(itertools.islice(usable, d.num_train))
+    else:
+        prepared = {split: list(itertools.islice(usable_rows(_shuffled(splits[split], n, cfg.seed), cfg,
+                                                             tokenizer, summary), n))
+                    for split, n in (("train", d.num_train), ("test", d.num_test))}
     dd = {}
-    for split, n in (("train", cfg.data.num_train), ("test", cfg.data.num_test)):
-        rows = prepare_rows(_take(splits[split], n, cfg.seed), cfg, tokenizer, summary, split)
-        if not rows:  # e.g. a held-out slice of over-long prompts, all dropped
+    for split in ("train", "test"):
+        rows = prepared[split]
+        summary.kept[split] = len(rows)
+        if not rows:  # e.g. every prompt over data.max_prompt_tokens
             hint = ("; raise data.max_prompt_tokens or set data.overlong_prompts=truncate"
                     if summary.skipped["overlong_prompt"] else "")
             raise DataError(f"data preparation left no {split} prompts ({'; '.join(summary.lines())}){hint}")

@@ -106,6 +106,22 @@ def test_overlong_prompts_dropped_or_truncated(tmp_path, tokenizer):
     assert max(len(x) for x in ds["train"]["prompt_token_ids"]) <= 200
 
 
+def test_held_out_rows_are_picked_among_the_usable_ones(tmp_path, tokenizer):
+    """One split in the file: the held-out rows come from the prompts that fit, so a slice of
+    over-long prompts cannot leave the test split short or empty."""
+    rows = gsm_rows()
+    long = [{**r, "question": r["question"] * 40} for r in rows[:30]]  # far over the limit below
+    (tmp_path / "one.jsonl").write_text("".join(json.dumps(r) + "\n" for r in long + rows[30:]))
+    cfg = cfg_for("data.source=gsm8k", f"data.path={tmp_path / 'one.jsonl'}", "data.num_test=6",
+                  "data.max_prompt_tokens=2048")
+    summary = prepare_dataset(cfg, tokenizer, tmp_path / "ds")
+    ds = load_prepared(tmp_path / "ds")
+    assert summary.skipped["overlong_prompt"] == 30
+    assert len(ds["test"]) == 6 and len(ds["train"]) == len(rows) - 30 - 6
+    assert not set(ds["test"]["question"]) & set(ds["train"]["question"])
+    assert max(len(x) for split in ("test", "train") for x in ds[split]["prompt_token_ids"]) <= 2048
+
+
 def test_verl_parquet_round_trip(tmp_path, tokenizer):
     cfg = cfg_for("data.source=gsm8k", f"data.path={GSM}", "data.max_prompt_tokens=2048")
     prepare_dataset(cfg, tokenizer, tmp_path / "ours")
