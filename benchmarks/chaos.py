@@ -12,6 +12,7 @@ prints, per run and in total:
 
     finished         runs whose state.json says finished (and exit code 0)
     metrics missing  train/* steps or eval steps absent from the run's MLflow run
+    logged twice     train steps with two entries (redone after a kill between logging and commit)
     duplicate runs   run folders with more than one MLflow run
     orphaned         Prefect servers / resrl processes still alive after their parent
 
@@ -122,7 +123,7 @@ def main() -> int:
     client = MlflowClient(tracking_uri=f"sqlite:///{base / 'outputs' / 'mlflow.db'}")
     exp = client.get_experiment_by_name("resrl")
     all_runs = client.search_runs([exp.experiment_id]) if exp else []
-    finished = missing = duplicates = 0
+    finished = missing = duplicates = twice = 0
     for i, overrides in configs.items():
         cfg = load_config(ROOT / "conf" / "smoke.yaml", overrides)
         rdir = run_dir(cfg)
@@ -134,7 +135,9 @@ def main() -> int:
         lost = []
         if state.get("mlflow_run_id"):
             run_id = state["mlflow_run_id"]
-            steps = {m.step for m in client.get_metric_history(run_id, "train/reward_mean")}
+            history = client.get_metric_history(run_id, "train/reward_mean")
+            steps = {m.step for m in history}
+            twice += len(history) - len(steps)  # a step redone after a kill between its logging and its commit
             lost += [f"train step {s}" for s in range(1, cfg.trainer.steps + 1) if s not in steps]
             evals = {m.step for m in client.get_metric_history(run_id, "eval/pass_at_1")}
             due = {0, cfg.trainer.steps} | set(range(cfg.eval.every, cfg.trainer.steps + 1, cfg.eval.every))
@@ -147,7 +150,7 @@ def main() -> int:
     orphans = [pid for pid in seen_children if alive(pid)]
     refused_ok = all(code == 2 for code in refused.values())
     print(f"\n{time.time() - t0:.0f}s | finished {finished}/{a.runs} | metrics missing {missing} | "
-          f"duplicate runs {duplicates} | orphaned processes {len(orphans)} | kills {kills} | "
+          f"duplicate runs {duplicates} | train steps logged twice {twice} | orphaned processes {len(orphans)} | kills {kills} | "
           f"second starts refused {sum(c == 2 for c in refused.values())}/{len(refused)} | logs {logs}")
     for pid in orphans:
         os.kill(pid, signal.SIGKILL)  # ours (children of the runs this script started); not left running
