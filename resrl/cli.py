@@ -26,6 +26,8 @@ QUIET_DEFAULTS = {
     "TOKENIZERS_PARALLELISM": "false",
     "HF_HUB_OFFLINE": "1",                  # nothing is downloaded unless the user opts in
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    # Prefect's temporary server gets 20 s to answer; 8 runs starting at once on 2 cores needed more
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
 }
 
 
@@ -117,6 +119,13 @@ def _own_temporary_prefect_server() -> None:
     subprocess.Popen = owned_popen  # only around Prefect's start of the server
     try:
         SubprocessASGIServer().start()
+    except RuntimeError as exc:
+        from resrl.errors import UserError
+
+        raise UserError(f"Prefect's temporary API server did not start ({str(exc)[:300]}); on a busy machine raise "
+                        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS (now "
+                        f"{os.environ.get('PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS')}), or start a server "
+                        "(bash infra/prefect-server.sh) and set PREFECT_API_URL") from None
     finally:
         subprocess.Popen = popen
 

@@ -253,6 +253,20 @@ def test_ctrl_c_exits_in_seconds_with_one_line_and_leaves_the_run_resumable(work
     assert servers and not any(_alive(pid) for pid in servers)  # the temporary Prefect server went with it
 
 
+@pytest.mark.slow  # a CLI process: imports and a store, ~10 s
+def test_a_temporary_prefect_server_that_does_not_start_is_one_line(workdir, tmp_path):
+    """Eight runs starting together on 2 cores once took Prefect's temporary server past its
+    20 s start limit (a RuntimeError traceback); the CLI now allows 180 s and says what to do."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "0"  # no time at all: it cannot start
+    proc = subprocess.run([sys.executable, "-m", "resrl.cli", "train", "--config", SMOKE,
+                           *tiny_run(workdir, tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("resrl: error:")]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert len(errors) == 1 and "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS (now 0)" in errors[0]
+
+
 def test_a_ctrl_c_that_a_destructor_swallows_is_raised_again_at_the_next_check(monkeypatch):
     """Python raises KeyboardInterrupt wherever the main thread is; inside a destructor or weakref
     callback it is reported as unraisable and dropped (seen in real runs, during garbage collection)."""
