@@ -166,7 +166,7 @@ def _train(args) -> int:
               + f" | peak RSS {result['peak_rss_gb']:.2f} GB")
     print(f"run folder:    {result['run_dir']}")
     print(f"MLflow run:    {result['mlflow_run_id']}  (store: {result['tracking_uri']})")
-    print(f"see it with:   {run_url_hint(cfg)}")
+    print(f"see it with:   {run_url_hint(cfg, result['mlflow_run_id'])}")
     return 0
 
 

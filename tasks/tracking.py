@@ -159,11 +159,25 @@ def log_metrics(cfg, run_id: str, metrics: dict[str, float], step: int) -> None:
         client.log_batch(run_id, metrics=batch[i:i + 1000])
 
 
-def run_url_hint(cfg) -> str:
+LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default (and run_url_hint starts it)
+
+
+def run_page(ui: str, experiment_id: str, run_id: str) -> str:
+    """A run's page in the MLflow UI, in its model-training view. MLflow 3.17 picks the
+    GenAI view for any experiment unless the address asks (the mlflow.experimentKind tag,
+    set on our experiment too, is no longer what decides; checked in headless Chromium)."""
+    return f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+
+
+def run_url_hint(cfg, run_id: str | None = None) -> str:
+    """How to see the store (and, given a run id, that run's page) in the MLflow UI."""
     uri = tracking_uri(cfg)
-    if is_local_store(uri):
-        return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
-    return f"open {uri} in a browser"
+    local = is_local_store(uri)
+    hint = f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000" if local else f"open {uri}"
+    if run_id:
+        exp_id = client_for(cfg).get_run(run_id).info.experiment_id
+        return f"{hint}{', then open' if local else ':'} {run_page(LOCAL_UI if local else uri, exp_id, run_id)}"
+    return hint if local else f"{hint} in a browser"
 
 
 def announce_run(cfg, run_id: str) -> None:
@@ -173,9 +187,9 @@ def announce_run(cfg, run_id: str) -> None:
     uri = tracking_uri(cfg)
     exp_id = client_for(cfg).get_run(run_id).info.experiment_id
     if uri.startswith(("http://", "https://")):
-        create_link_artifact(link=f"{uri.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}", link_text="MLflow run",
+        create_link_artifact(link=run_page(uri, exp_id, run_id), link_text="MLflow run",
                              key="mlflow-run", description=f"MLflow run {run_id}")
     else:
         create_markdown_artifact(
             markdown=f"MLflow run `{run_id}` (experiment {exp_id}) in `{uri}`.\n\nSee it with:\n\n"
-                     f"    {run_url_hint(cfg)}\n", key="mlflow-run", description=f"MLflow run {run_id}")
+                     f"    {run_url_hint(cfg, run_id)}\n", key="mlflow-run", description=f"MLflow run {run_id}")

@@ -51,6 +51,9 @@ def test_smoke_flow_logs_a_complete_mlflow_run(smoke_run, tmp_path):
     eval_files = {a.path for a in client.list_artifacts(run.info.run_id, f"eval/step_{steps:05d}")}
     assert {f"eval/step_{steps:05d}/samples.json", f"eval/step_{steps:05d}/pass_at_k.png"} <= eval_files
     assert "mlflow ui --backend-store-uri" in smoke_run["proc"].stdout
+    # the run's page, in the UI's model-training view (MLflow 3.17 opens the GenAI view otherwise)
+    assert (f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+            "?workflowType=machine_learning") in smoke_run["proc"].stdout
 
 
 def test_policy_artifact_loads_and_differs_from_the_start(smoke_run, smoke_prepared, tmp_path):
