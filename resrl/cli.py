@@ -19,20 +19,7 @@ import logging
 import os
 import sys
 
-QUIET_DEFAULTS = {
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",   # vLLM engine core in this process (in-memory weight sync)
-    "VLLM_LOGGING_LEVEL": "ERROR",         # its CPU warnings repeat at every weight sync
-    "TOKENIZERS_PARALLELISM": "false",
-    "HF_HUB_OFFLINE": "1",                  # nothing is downloaded unless the user opts in
-    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-}
-
-
-def set_environment_defaults() -> None:
-    for key, value in QUIET_DEFAULTS.items():
-        os.environ.setdefault(key, value)
-
+from resrl.environment import set_process_defaults
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="resrl", description="ResRL experiment workflow (Prefect + MLflow).")
@@ -178,7 +165,7 @@ def _export_verl(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    set_environment_defaults()
+    set_process_defaults()  # before anything heavy is imported
     args = _parse(argv)
     from resrl.errors import UserError
 

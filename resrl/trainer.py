@@ -19,8 +19,6 @@ import contextlib
 import json
 import logging
 import math
-import os
-import socket
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,25 +29,16 @@ from resrl.algorithms import ResidualStats, get_algorithm, policy_loss, token_co
 from resrl.algorithms.advantages import resrl_token_weights
 from resrl.batch import RolloutBatch, pack
 from resrl.devices import resolve_device, resolve_dtype
+from resrl.environment import set_single_process_world
 from resrl.metrics import sampler_agreement
 from resrl import seeds
 
 log = logging.getLogger(__name__)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed(device: str) -> None:
     """A world of one process (gloo on the CPU, nccl on CUDA), unless launched by a launcher."""
-    if device == "cpu":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(key, value)
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    set_single_process_world(device)
     import deepspeed
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)

@@ -18,12 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from resrl.environment import set_process_defaults
+
 ROOT = Path(__file__).resolve().parent.parent
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+set_process_defaults()  # the same environment as the CLI's
 
 
 @pytest.fixture(scope="session")
