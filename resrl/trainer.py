@@ -30,6 +30,7 @@ from resrl.algorithms.advantages import resrl_token_weights
 from resrl.batch import RolloutBatch, pack
 from resrl.devices import resolve_device, resolve_dtype
 from resrl.environment import set_single_process_world
+from resrl.errors import ConfigError
 from resrl.metrics import sampler_agreement
 from resrl import seeds
 
@@ -71,12 +72,12 @@ def capture_hidden(model, layer: int):
     base = getattr(model, "model", None)
     layers = getattr(base, "layers", None)
     if layers is None:
-        raise ValueError(f"{type(model).__name__} has no .model.layers; cannot capture hidden states")
+        raise ConfigError(f"{type(model).__name__} has no .model.layers: resrl cannot read its hidden states "
+                          "(ResRL's weights and diagnostics need them; algorithm.diagnostics=false and a "
+                          "baseline algorithm avoid it)")
     L = len(layers)
     j = layer + L + 1 if layer < 0 else layer
     if not 1 <= j <= L:
-        from resrl.config import ConfigError
-
         raise ConfigError(f"algorithm.hidden_layer={layer} is outside 1..{L} (or -1..-{L})")
     target = base.norm if j == L else layers[j - 1]
 
