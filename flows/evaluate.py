@@ -11,6 +11,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from prefect import flow, get_run_logger
 
+from resrl.checkpoint import latest_checkpoint, policy_dir, step_of
 from resrl.config import ConfigError, load_config
 from tasks import tracking
 
@@ -39,12 +40,12 @@ def evaluate_run_flow(run_name: str, config_file: str | None = None, overrides: 
     client = tracking.client_for(store_cfg)
     with tempfile.TemporaryDirectory() as tmp:  # the run's own resolved config, as logged
         cfg = OmegaConf.load(client.download_artifacts(run.info.run_id, "config.yaml", tmp))
-    ckpts = sorted((rdir / "checkpoints").glob("step_*"))
-    if not ckpts:
+    ckpt = latest_checkpoint(rdir)
+    if ckpt is None:
         raise ConfigError(f"run '{run_name}' ({rdir}) has no checkpoint yet")
-    step = int(ckpts[-1].name.split("_")[1])
+    step = step_of(ckpt)
     test = load_prepared(prepare_base_and_data(cfg)["dataset_dir"])["test"]
-    engine = RolloutEngine.for_run(str(ckpts[-1] / "policy"), cfg, max(len(p) for p in test["prompt_token_ids"]))
+    engine = RolloutEngine.for_run(str(policy_dir(ckpt)), cfg, max(len(p) for p in test["prompt_token_ids"]))
     try:
         metrics, samples = evaluate(engine, test, cfg.eval, load_reward_function(cfg.reward.function), cfg.seed, step,
                                     max_error_fraction=OmegaConf.select(cfg, "reward.max_error_fraction", default=1.0))

@@ -14,7 +14,8 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from resrl.config import ConfigError, config_hash, from_dict, load_config, run_dir, run_name, to_dict, validate
-from resrl.run_state import RunState, checkpoint_dir, prune_checkpoints, run_lock
+from resrl.checkpoint import checkpoint_dir, policy_dir, prune_checkpoints
+from resrl.run_state import RunState, run_lock
 from tasks import tracking
 from tasks.steps import evaluate_policy, generate_rollouts, prepare_data, update_policy
 
@@ -188,6 +189,6 @@ def _train(cfg, config: dict, rdir: Path, state: RunState, run_id: str, client, 
             prune_checkpoints(rdir, cfg.run.keep_checkpoints, committed=step)
         if step % cfg.eval.every == 0 or step == steps:
             last_eval = evaluate(step)
-    final_policy = checkpoint_dir(rdir, steps) / "policy" if steps > 0 else Path(prepared["policy_dir"])
+    final_policy = policy_dir(checkpoint_dir(rdir, steps)) if steps > 0 else Path(prepared["policy_dir"])
     client.log_artifacts(run_id, str(final_policy), artifact_path="policy")
     return {"timings": timings, "final_eval": last_eval}

@@ -13,7 +13,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from resrl.config import from_dict, run_dir
-from resrl.run_state import RunState, checkpoint_dir, eval_dir, rollout_path
+from resrl.checkpoint import checkpoint_dir, policy_dir
+from resrl.run_state import RunState, eval_dir, rollout_path
 
 
 def _session(config: dict, prepared: dict) -> tuple[object, dict[str, float]]:
@@ -34,7 +35,7 @@ def _session(config: dict, prepared: dict) -> tuple[object, dict[str, float]]:
     state = RunState.load(rdir)
     if state is not None and state.step > 0:
         ckpt = checkpoint_dir(rdir, state.step)
-        session = open_session(str(rdir), cfg, prepared, str(ckpt / "policy"), str(ckpt))
+        session = open_session(str(rdir), cfg, prepared, str(policy_dir(ckpt)), str(ckpt))
     else:
         session = open_session(str(rdir), cfg, prepared, prepared["policy_dir"], None)
     return session, {"time/engine_start_s": time.time() - t0}
