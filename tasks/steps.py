@@ -90,7 +90,8 @@ def evaluate_policy(config: dict, prepared: dict, step: int, final: bool = False
     metrics.update(started)
     out = eval_dir(run_dir(cfg), step)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "samples.json").write_text(json.dumps(samples, indent=1))
+    samples_file, plot_file = out / "samples.json", out / "pass_at_k.png"
+    samples_file.write_text(json.dumps(samples, indent=1))
     table = {int(name.rsplit("_", 1)[1]): v for name, v in metrics.items() if name.startswith("eval/pass_at_")}
-    plot_pass_at_k({f"step {step}": table}, out / "pass_at_k.png", title=f"Pass@k, step {step}")
-    return {"metrics": metrics, "dir": str(out)}
+    plot_pass_at_k({f"step {step}": table}, plot_file, title=f"Pass@k, step {step}")
+    return {"metrics": metrics, "dir": str(out), "samples_file": str(samples_file), "plot_file": str(plot_file)}
