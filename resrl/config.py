@@ -16,7 +16,7 @@ from typing import Any, Iterable
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from resrl.errors import ConfigError  # noqa: F401 - also imported from here
+from resrl.errors import ConfigError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 DEFAULT_CONFIG = CONF_DIR / "default.yaml"
