@@ -116,3 +116,26 @@ def test_library_user_errors_are_user_errors():
         get_algorithm("ppo")
     with pytest.raises(UserError, match="no reward function registered for data_source 'mine'"):
         compute_score("mine", "#### 1", "1")
+
+
+def test_default_yaml_lists_only_accepted_choices():
+    """The comments of conf/default.yaml that list a key's choices name only values validation accepts
+    (a new algorithm or source need not be added there for the suite to pass)."""
+    import re
+
+    from resrl.algorithms import ALGORITHMS, LOSS_AGGREGATIONS
+    from resrl.config import DEFAULT_CONFIG
+    from resrl.data import DATA_SOURCES
+
+    text = DEFAULT_CONFIG.read_text()
+
+    def listed(section: str, key: str) -> set[str]:
+        block = re.search(rf"^{section}:\n((?:[ #].*\n|\n)*)", text, re.MULTILINE).group(1)
+        line = re.search(rf"^  {key}:[^#]*#\s*(.*)$", block, re.MULTILINE).group(1)
+        return {word.strip() for word in line.split("|")}
+
+    assert listed("data", "source") <= set(DATA_SOURCES)
+    assert listed("algorithm", "name") <= set(ALGORITHMS)
+    assert listed("loss", "agg") <= set(LOSS_AGGREGATIONS)
+    for source in listed("data", "source"):
+        load_config(None, [f"data.source={source}", "data.path=x"] if source != "synthetic" else [])
