@@ -34,7 +34,7 @@ from resrl.batch import RolloutBatch, pack
 from resrl.deepspeed_setup import deepspeed_config, init_distributed, warmup_schedule
 from resrl.devices import resolve_device, resolve_dtype
 from resrl.errors import ConfigError
-from resrl.metrics import sampler_agreement
+from resrl.metrics import advantage_metrics, sampler_agreement
 
 def response_logits(logits: torch.Tensor, T: int) -> torch.Tensor:
     """The logits that score response tokens 0..T-1, from the last T + 1 positions of a
@@ -184,7 +184,7 @@ class PolicyTrainer:
         tokens = sums.pop("tokens")
         metrics["pg_loss"] = sums.pop("pg_loss") / n_updates
         metrics.update({k: v / tokens if tokens else float("nan") for k, v in sums.items()})
-        metrics.update(self._advantage_stats(adv, mask, batch))
+        metrics.update(advantage_metrics(adv, mask, batch.correct))
         metrics.update(scored.stats.as_dict())
         metrics["lld"] = self.likelihood_displacement(batch, scored.logp)
         sampler = batch.sampler_logp_tensor()
@@ -275,7 +275,7 @@ class PolicyTrainer:
                 count += float(mask.sum())
         return change / max(count, 1.0)
 
-    # ------------------------------------------------------------------ forward and statistics
+    # ------------------------------------------------------------------ forward pass and gradient norm
     def _forward(self, model, batch: RolloutBatch, rows: torch.Tensor, *, hidden_layer=None):
         """Response log-probs and entropy (B, T) of the batch's `rows`; optionally the hidden states (B, T, H)."""
         idx = rows.tolist()
@@ -304,17 +304,6 @@ class PolicyTrainer:
             return float("nan")
         grads = [p.grad.detach().float().norm() for p in self.engine.module.parameters() if p.grad is not None]
         return float(torch.stack(grads).norm()) if grads else 0.0
-
-    @staticmethod
-    def _advantage_stats(adv, mask, batch):
-        valid = adv[mask]
-        correct = batch.correct
-        return {
-            "adv/mean": float(valid.mean()) if valid.numel() else 0.0,
-            "adv/abs_mean": float(valid.abs().mean()) if valid.numel() else 0.0,
-            "adv/pos_token_frac": float((valid > 0).float().mean()) if valid.numel() else 0.0,
-            "batch/frac_positive": float(correct.float().mean()),
-        }
 
     # ------------------------------------------------------------------ weights and checkpoints
     def named_weights(self):
