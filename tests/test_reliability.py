@@ -120,6 +120,7 @@ def test_a_second_start_of_a_run_refuses_naming_the_holder_and_a_dead_holder_is_
 
 # ----------------------------------------------------------------------------- 2. parallel starts, new store
 
+@pytest.mark.slow  # four processes that import MLflow: 15-25 s
 def test_parallel_starts_on_a_new_sqlite_store_all_succeed(tmp_path):
     code = ("import sys; from resrl.config import load_config; from tasks.tracking import start_run\n"
             "print(start_run(load_config(None, [f'run.output_dir={sys.argv[1]}']), 'p', {}))")
@@ -254,6 +255,7 @@ def test_ctrl_c_exits_in_seconds_with_one_line_and_leaves_the_run_resumable(work
     assert servers and not any(_alive(pid) for pid in servers)  # the temporary Prefect server went with it
 
 
+@pytest.mark.slow  # a real `resrl train` process with its Prefect server: 10-20 s
 def test_kill_9_leaves_no_prefect_server_behind(workdir, tmp_path):
     proc, _ = _start_train(tmp_path, workdir)
     servers = _children(proc.pid)
