@@ -242,3 +242,31 @@ def log_eval_files(cfg, run_id: str, samples_file: Path, plot_file: Path, artifa
 def log_policy(cfg, run_id: str, policy_dir: Path) -> None:
     """The policy folder as the run's `policy/` artifact (loads with from_pretrained)."""
     client_for(cfg).log_artifacts(run_id, str(policy_dir), artifact_path="policy")
+
+
+# ----------------------------------------------------------------------------- reading a run back
+
+def find_run_by_name(cfg, name: str):
+    """The newest run of run.experiment named `name`; ConfigError when there is none."""
+    from resrl.errors import ConfigError
+
+    runs = search_runs(cfg, f"tags.`mlflow.runName` = '{name}'", order_by=["attributes.start_time DESC"])
+    if not runs:
+        raise ConfigError(f"no MLflow run named '{name}' in {tracking_uri(cfg)} (experiment '{cfg.run.experiment}')")
+    return runs[0]
+
+
+def logged_config(cfg, run_id: str):
+    """The resolved config a training run logged as config.yaml."""
+    import tempfile
+
+    from omegaconf import OmegaConf
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return OmegaConf.load(client_for(cfg).download_artifacts(run_id, "config.yaml", tmp))
+
+
+def log_json(cfg, run_id: str, data, artifact_file: str) -> None:
+    import json
+
+    client_for(cfg).log_text(run_id, json.dumps(data, indent=1), artifact_file)
