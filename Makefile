@@ -1,5 +1,5 @@
 # Each target sets up .venv first (a no-op once done).
-.PHONY: setup train smoke test bench
+.PHONY: setup train smoke test test-fast bench
 
 setup:
 	@bash infra/setup.sh
@@ -12,6 +12,9 @@ smoke: setup        ## the whole flow in about a minute
 
 test: setup         ## the test suite (what CI runs)
 	.venv/bin/python -m pytest -q
+
+test-fast: setup    ## the quick subset while editing: no engines, flows or servers (< 1 min)
+	.venv/bin/python -m pytest -q -m "not slow"
 
 bench: setup        ## benchmarks that print figures (not tests)
 	.venv/bin/python benchmarks/pipeline.py

@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
+from pathlib import Path
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from resrl.environment import set_process_defaults  # noqa: E402
+
+set_process_defaults()  # before vLLM is imported
 
 
 def vllm_engine(model_dir: str, prompts: list[list[int]], max_tokens: int):

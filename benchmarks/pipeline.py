@@ -98,9 +98,10 @@ def main():
 
         from generation import measure
 
+        from resrl.checkpoint import checkpoint_dir, policy_dir
         from resrl.data import load_prepared
 
-        policy = run_dir(cfg) / "checkpoints" / f"step_{cfg.trainer.steps:05d}" / "policy"
+        policy = policy_dir(checkpoint_dir(run_dir(cfg), cfg.trainer.steps))
         prepared_dirs = sorted((Path(tmp) / "cache" / "data").iterdir())
         test = load_prepared(prepared_dirs[0])["test"]
         prompts = [test[i]["prompt_token_ids"] for i in range(min(64, len(test)))]

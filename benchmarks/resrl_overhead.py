@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -22,8 +21,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from resrl.environment import set_process_defaults  # noqa: E402
 
+set_process_defaults()
 from resrl.algorithms import residual_token_weights  # noqa: E402
 from resrl.batch import RolloutBatch  # noqa: E402
 

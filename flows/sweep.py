@@ -1,44 +1,24 @@
 """Parameter sweeps: every grid point is a child flow run of the training flow, trained in
 one of `concurrency` lane processes (each point with its own vLLM and DeepSpeed engines),
 logging to a child MLflow run under one parent run tagged with the sweep id. When the
-points are done, the comparison report goes to the parent run and to the Prefect
-flow run. `resrl compare SWEEP_ID` rebuilds the report from MLflow alone.
+points are done, the comparison report (tasks/report.py) goes to the parent run and to
+the Prefect flow run. `resrl compare SWEEP_ID` rebuilds the report from MLflow alone.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
-import pandas as pd
-import yaml
+from omegaconf import OmegaConf
 from prefect import flow, get_run_logger
 
-from resrl.config import ConfigError, load_config, run_dir, run_name, to_dict
-from resrl.report import write_report
+from resrl.config import ConfigError, run_dir, run_name, to_dict
 from resrl.run_state import RunState
-from resrl.sweep import load_sweep
+from resrl.sweep import SweepPoint, load_sweep
 from tasks import tracking
-
-POINTS_FILE = "points.json"
-
-
-def _find_parent(cfg, sweep_id: str) -> str | None:
-    found = tracking.search_runs(cfg, f"tags.`resrl.sweep_id` = '{sweep_id}' and tags.`resrl.role` = 'sweep'")
-    return found[0].info.run_id if found else None
-
-
-def _parent_run(cfg, sweep) -> str:
-    """The sweep's parent MLflow run: found by its sweep id, else created."""
-    tracking.ensure_experiment(cfg)
-    run_id = _find_parent(cfg, sweep.sweep_id)
-    if run_id is None:
-        run_id = tracking.start_run(cfg, sweep.sweep_id, tags={"resrl.sweep_id": sweep.sweep_id, "resrl.role": "sweep"})
-    # written again on every start: the same points with new report settings re-report, nothing retrains
-    tracking.client_for(cfg).log_text(run_id, yaml.safe_dump(sweep.spec, sort_keys=False), "sweep.yaml")
-    return run_id
+from tasks.report import build_report, log_points, start_or_resume_sweep_run
 
 
 def _point_config(point, sweep_id: str, parent_id: str) -> dict:
@@ -79,8 +59,6 @@ def sweep_flow(sweep_file: str, overrides: list[str] | None = None) -> dict:
     from prefect.artifacts import create_markdown_artifact
     from prefect.flow_engine import run_flow_in_subprocess
 
-    from flows.train import train_flow
-
     logger = get_run_logger()
     sweep = load_sweep(sweep_file, overrides or [])
     cfg0 = sweep.points[0].cfg
@@ -88,15 +66,14 @@ def sweep_flow(sweep_file: str, overrides: list[str] | None = None) -> dict:
     if len(stores) > 1:
         raise ConfigError(f"all points of a sweep must log to one MLflow store, got {sorted(stores)}")
     # Create the store (and its schema) once, before parallel runs touch it.
-    parent_id = _parent_run(cfg0, sweep)
+    parent_id = start_or_resume_sweep_run(cfg0, sweep.sweep_id, sweep.spec)
     logger.info("sweep %s: %d points, concurrency %d, MLflow parent run %s", sweep.sweep_id, len(sweep.points),
                 sweep.concurrency, parent_id)
 
     status: dict[str, str] = {}
     pending = []
     for p in sweep.points:
-        state = RunState.load(run_dir(p.cfg))
-        if state is not None and state.finished:
+        if _finished(p):
             status[p.key] = "finished"
             logger.info("point %s (%s): finished earlier, skipped", p.label(()), run_name(p.cfg))
         else:
@@ -114,122 +91,33 @@ def sweep_flow(sweep_file: str, overrides: list[str] | None = None) -> dict:
     for lane in lanes:
         lane.join()
     for p in pending:
-        state = RunState.load(run_dir(p.cfg))
-        if state is not None and state.finished:
+        if _finished(p):
             status[p.key] = "finished"
         else:
             status[p.key] = "failed" if (claims / p.key).exists() else "not started (its lane died)"
         logger.info("point %s: %s", p.label(()), status[p.key])
     shutil.rmtree(claims, ignore_errors=True)
 
-    from omegaconf import OmegaConf
-
     swept = list(dict.fromkeys(k for p in sweep.points for k in p.overrides))
-    points = []
-    for p in sweep.points:
-        state = RunState.load(run_dir(p.cfg))
-        points.append({"key": p.key, "overrides": p.overrides, "run_name": run_name(p.cfg),
-                       "values": {k: OmegaConf.select(p.cfg, k) for k in swept},
-                       "run_dir": str(run_dir(p.cfg)), "mlflow_run_id": state.mlflow_run_id if state else None,
-                       "status": status[p.key]})
-    client = tracking.client_for(cfg0)
-    client.log_text(parent_id, json.dumps(points, indent=1), POINTS_FILE)
+    points = [_point_record(p, swept, status[p.key]) for p in sweep.points]
+    log_points(cfg0, parent_id, points)
     report = build_report(cfg0, sweep.sweep_id)
     create_markdown_artifact(report["markdown"], key="sweep-report", description=f"Sweep {sweep.sweep_id}")
     finished = sum(s == "finished" for s in status.values())
-    client.set_terminated(parent_id, status="FINISHED" if finished == len(points) else "FAILED")
+    tracking.finish_run(cfg0, parent_id, status="FINISHED" if finished == len(points) else "FAILED")
     return {"sweep_id": sweep.sweep_id, "parent_run_id": parent_id, "points": points,
             "report_dir": report["dir"], "tracking_uri": tracking.tracking_uri(cfg0)}
 
 
-def final_eval_metrics(metrics: dict[str, float]) -> dict[str, float]:
-    """The run's last evaluation: Avg@K and Pass@k for k <= K, K = `eval/k` of that evaluation.
-
-    MLflow keeps each key's latest value; when the last evaluation draws more samples
-    (`eval.final_k`) the earlier, smaller `eval/avg_at_k` would otherwise linger."""
-    k_final = int(metrics.get("eval/k", 0))
-    out = {}
-    for key, value in metrics.items():
-        if key.startswith("eval/avg_at_"):
-            if not k_final or int(key.rsplit("_", 1)[1]) == k_final:
-                out[key] = value
-        elif key.startswith("eval/pass_at_"):
-            if not k_final or int(key.rsplit("_", 1)[1]) <= k_final:
-                out[key] = value
-        elif key.startswith("eval/") and key != "eval/k":
-            out[key] = value
-    return out
+def _finished(point: SweepPoint) -> bool:
+    state = RunState.load(run_dir(point.cfg))
+    return state is not None and state.finished
 
 
-def sweep_runs(cfg, sweep_id: str) -> tuple[str, pd.DataFrame, dict, list[str]]:
-    """Parent run id, one row per point (params of the swept keys + final eval metrics), the spec,
-    and the swept keys (as recorded in points.json, in the order the sweep file gives them)."""
-    client = tracking.client_for(cfg)
-    parent = _find_parent(cfg, sweep_id)
-    if parent is None:
-        raise ConfigError(f"no sweep '{sweep_id}' in the MLflow store {tracking.tracking_uri(cfg)} "
-                          f"(experiment '{cfg.run.experiment}')")
-    with tempfile.TemporaryDirectory() as tmp:
-        points = json.loads(Path(client.download_artifacts(parent, POINTS_FILE, tmp)).read_text())
-        spec = yaml.safe_load(Path(client.download_artifacts(parent, "sweep.yaml", tmp)).read_text())
-    rows = []
-    for p in points:
-        row = {"run_name": p["run_name"], "status": p["status"], "mlflow_run_id": p["mlflow_run_id"]}
-        row.update(p["values"])  # every swept key, from the point's resolved config
-        if p["mlflow_run_id"]:
-            run = client.get_run(p["mlflow_run_id"])
-            row["status"] = "finished" if run.info.status == "FINISHED" else p["status"]
-            row.update(final_eval_metrics(run.data.metrics))
-            lld = {m.step: m.value for m in client.get_metric_history(p["mlflow_run_id"], "train/lld")}
-            row["lld_curve"] = dict(sorted(lld.items()))
-            finite = [v for v in lld.values() if v == v]
-            row["train/lld_mean"] = sum(finite) / len(finite) if finite else float("nan")
-        rows.append(row)
-    swept = list(dict.fromkeys(k for p in points for k in p["values"]))
-    return parent, pd.DataFrame(rows), spec, swept
-
-
-def build_report(cfg, sweep_id: str) -> dict:
-    """Write the comparison report from MLflow data and log it to the sweep's parent run."""
-    parent, runs, spec, swept = sweep_runs(cfg, sweep_id)
-    group_keys = [k for k in swept if k != "seed" and k in runs.columns]
-    report_cfg = spec.get("report") or {}
-    out = Path(cfg.run.output_dir) / "sweeps" / sweep_id
-    files = write_report(runs, out, sweep_id=sweep_id, group_keys=group_keys,
-                         headline=report_cfg.get("headline", "eval/pass_at_1"),
-                         heatmap=list(report_cfg.get("heatmap") or []), reference=report_cfg.get("reference"))
-    client = tracking.client_for(cfg)
-    for path in files.values():
-        client.log_artifact(parent, str(path), artifact_path="report")
-    return {"dir": str(out), "markdown": files["markdown"].read_text(), "files": files}
-
-
-# ----------------------------------------------------------------------------- CLI
-
-def run_sweep_cli(args) -> int:
-    from tasks.tracking import run_url_hint
-
-    sweep = load_sweep(args.config, args.overrides)  # checks every point before anything starts
-    tracking.open_store(sweep.points[0].cfg)  # an unreachable server fails now; a new SQLite store is created once
-    print(f"resrl: sweep {sweep.sweep_id}: {len(sweep.points)} points, concurrency {sweep.concurrency}", flush=True)
-    result = sweep_flow(sweep_file=args.config, overrides=args.overrides)
-    print()
-    for p in result["points"]:
-        print(f"  {p['status']:<28} {p['run_name']:<22} {p['overrides']}")
-    print(f"report:        {result['report_dir']}/report.md")
-    print(f"MLflow parent: {result['parent_run_id']}  (store: {result['tracking_uri']})")
-    print(f"see it with:   {run_url_hint(sweep.points[0].cfg)}")
-    print(f"rebuild with:  resrl compare {result['sweep_id']}" + (f" --config {args.config}" if args.config else ""))
-    return 0 if all(p["status"] == "finished" for p in result["points"]) else 1
-
-
-def compare_cli(args) -> int:
-    spec = yaml.safe_load(Path(args.config).read_text()) if args.config and Path(args.config).is_file() else {}
-    if {"grid", "points"} & set(spec or {}):
-        cfg = load_sweep(args.config, args.overrides).points[0].cfg  # a sweep file: use its store
-    else:
-        cfg = load_config(args.config, args.overrides)
-    report = build_report(cfg, args.sweep_id)
-    print(report["markdown"])
-    print(f"written to {report['dir']}")
-    return 0
+def _point_record(point: SweepPoint, swept: list[str], status: str) -> dict:
+    """What points.json says about one point: the report reads it back from MLflow."""
+    state = RunState.load(run_dir(point.cfg))
+    return {"key": point.key, "overrides": point.overrides, "run_name": run_name(point.cfg),
+            "values": {k: OmegaConf.select(point.cfg, k) for k in swept},
+            "run_dir": str(run_dir(point.cfg)), "mlflow_run_id": state.mlflow_run_id if state else None,
+            "status": status}

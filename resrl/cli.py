@@ -3,10 +3,16 @@
     resrl train [--config FILE] [key=value ...]
     resrl sweep --config FILE [key=value ...]
     resrl compare SWEEP_ID [--config FILE]
+    resrl export-verl OUT_DIR [--config FILE] [key=value ...]
 
 Configs are checked (unknown keys, bad values, model folders) before anything heavy
-starts. Orchestration (Prefect) and tracking (MLflow) are imported only here, so the
-`resrl` library itself stays importable without them.
+starts.
+
+This is the one module of the `resrl` package that launches flows: it imports `flows`
+and `tasks` (and so Prefect and MLflow), lazily, inside the commands that need them.
+Every other resrl module imports without Prefect or MLflow (tests/test_imports.py
+checks it). It lives in the package so that `resrl` and `python -m resrl.cli` work
+from an installed package.
 
 A user error (resrl.errors.UserError: a bad config, unusable data, a busy run folder,
 an unreachable tracking server, ...) is printed as one line, `resrl: error: ...`,
@@ -19,22 +25,7 @@ import logging
 import os
 import sys
 
-QUIET_DEFAULTS = {
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",   # vLLM engine core in this process (in-memory weight sync)
-    "VLLM_LOGGING_LEVEL": "ERROR",         # its CPU warnings repeat at every weight sync
-    "TOKENIZERS_PARALLELISM": "false",
-    "HF_HUB_OFFLINE": "1",                  # nothing is downloaded unless the user opts in
-    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-    # Prefect's temporary server gets 20 s to answer; 8 runs starting at once on 2 cores needed more
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
-}
-
-
-def set_environment_defaults() -> None:
-    for key, value in QUIET_DEFAULTS.items():
-        os.environ.setdefault(key, value)
-
+from resrl.environment import set_process_defaults
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="resrl", description="ResRL experiment workflow (Prefect + MLflow).")
@@ -170,6 +161,46 @@ def _train(args) -> int:
     return 0
 
 
+def _sweep(args) -> int:
+    from flows.sweep import sweep_flow
+    from resrl.sweep import load_sweep
+    from tasks.tracking import open_store, run_url_hint
+
+    sweep = load_sweep(args.config, args.overrides)  # checks every point before anything starts
+    open_store(sweep.points[0].cfg)  # an unreachable server fails now; a new SQLite store is created once
+    print(f"resrl: sweep {sweep.sweep_id}: {len(sweep.points)} points, concurrency {sweep.concurrency}", flush=True)
+    result = sweep_flow(sweep_file=args.config, overrides=args.overrides)
+    print()
+    for p in result["points"]:
+        print(f"  {p['status']:<28} {p['run_name']:<22} {p['overrides']}")
+    print(f"report:        {result['report_dir']}/report.md")
+    print(f"MLflow parent: {result['parent_run_id']}  (store: {result['tracking_uri']})")
+    print(f"see it with:   {run_url_hint(sweep.points[0].cfg)}")
+    print(f"rebuild with:  resrl compare {result['sweep_id']}" + (f" --config {args.config}" if args.config else ""))
+    return 0 if all(p["status"] == "finished" for p in result["points"]) else 1
+
+
+def _compare(args) -> int:
+    """The report of a sweep, rebuilt from MLflow; --config names the store (a sweep file or a run config)."""
+    from pathlib import Path
+
+    import yaml
+
+    from resrl.config import load_config
+    from resrl.sweep import load_sweep
+    from tasks.report import build_report
+
+    spec = yaml.safe_load(Path(args.config).read_text()) if args.config and Path(args.config).is_file() else {}
+    if {"grid", "points"} & set(spec or {}):
+        cfg = load_sweep(args.config, args.overrides).points[0].cfg  # a sweep file: use its store
+    else:
+        cfg = load_config(args.config, args.overrides)
+    report = build_report(cfg, args.sweep_id)
+    print(report["markdown"])
+    print(f"written to {report['dir']}")
+    return 0
+
+
 def _export_verl(args) -> int:
     from pathlib import Path
 
@@ -187,7 +218,7 @@ def _export_verl(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    set_environment_defaults()
+    set_process_defaults()  # before anything heavy is imported
     args = _parse(argv)
     from resrl import interrupts
     from resrl.errors import UserError
@@ -201,15 +232,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "export-verl":
             return _export_verl(args)
         if args.command == "sweep":
-            from flows.sweep import run_sweep_cli
-
             _quiet_prefect()
             _own_temporary_prefect_server()
-            return run_sweep_cli(args)
+            return _sweep(args)
         if args.command == "compare":
-            from flows.sweep import compare_cli
-
-            return compare_cli(args)
+            return _compare(args)
     except UserError as exc:
         print(f"resrl: error: {exc}", file=sys.stderr)
         return 2

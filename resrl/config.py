@@ -16,7 +16,7 @@ from typing import Any, Iterable
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from resrl.errors import UserError
+from resrl.errors import ConfigError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 DEFAULT_CONFIG = CONF_DIR / "default.yaml"
@@ -36,10 +36,6 @@ _NOT_HASHED = (
     "run.sweep_id",
     "run.parent_run_id",
 )
-
-
-class ConfigError(UserError):
-    """A configuration key or value that cannot be used."""
 
 
 def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, Any]:
@@ -203,86 +199,95 @@ def model_max_positions(cfg: DictConfig) -> int | None:
     return value if isinstance(value, int) else None
 
 
+def _check(ok: bool, key: str, rule: str, value: Any) -> None:
+    """ConfigError naming the key, the rule it breaks and the value it has."""
+    if not ok:
+        raise ConfigError(f"{key} must be {rule}, got {value!r}.")
+
+
 def validate(cfg: DictConfig) -> None:
-    """Check values; raises ConfigError naming the key. Loads no model."""
-    from resrl.algorithms import ALGORITHMS, LOSS_AGGREGATIONS  # local: keeps import light
+    """Check values; raises ConfigError naming the key and showing its value. Loads no model."""
+    from resrl import synthetic  # local: keeps import light
+    from resrl.algorithms import ALGORITHMS, LOSS_AGGREGATIONS
     from resrl.data import DATA_SOURCES
 
     a, r, t, e, loss = cfg.algorithm, cfg.rollout, cfg.trainer, cfg.eval, cfg.loss
-    _require(a.name in ALGORITHMS,
-             f"algorithm.name '{a.name}' is not one of: {', '.join(sorted(ALGORITHMS))}.")
-    _require(a.rank >= 1, f"algorithm.rank must be >= 1, got {a.rank}.")
+    _check(a.name in ALGORITHMS, "algorithm.name", f"one of {', '.join(sorted(ALGORITHMS))}", a.name)
+    _check(a.rank >= 1, "algorithm.rank", ">= 1", a.rank)
     _require(0.0 <= a.q_low < a.q_high <= 1.0,
              f"algorithm.q_low/q_high must satisfy 0 <= q_low < q_high <= 1, got {a.q_low}/{a.q_high}.")
-    _require(0.0 <= a.min_weight <= 1.0, f"algorithm.min_weight must be in [0, 1], got {a.min_weight}.")
-    _require(a.pos_weight >= 0.0, f"algorithm.pos_weight must be >= 0, got {a.pos_weight}.")
-    _require(a.wr_lambda >= 0.0, f"algorithm.wr_lambda must be >= 0, got {a.wr_lambda}.")
-    _require(a.max_pos_tokens >= 2, f"algorithm.max_pos_tokens must be >= 2, got {a.max_pos_tokens}.")
-    _require(a.svd in ("randomized", "exact"), f"algorithm.svd must be 'randomized' or 'exact', got '{a.svd}'.")
-    _require(a.oversample >= 0 and a.power_iters >= 0, "algorithm.oversample and power_iters must be >= 0.")
-    _require(a.hidden_layer != 0, "algorithm.hidden_layer 0 is the embedding output; use -1, -2, ... or a layer >= 1.")
-    _require(a.eps > 0, f"algorithm.eps must be > 0, got {a.eps}.")
+    _check(0.0 <= a.min_weight <= 1.0, "algorithm.min_weight", "in [0, 1]", a.min_weight)
+    _check(a.pos_weight >= 0.0, "algorithm.pos_weight", ">= 0", a.pos_weight)
+    _check(a.wr_lambda >= 0.0, "algorithm.wr_lambda", ">= 0", a.wr_lambda)
+    _check(a.max_pos_tokens >= 2, "algorithm.max_pos_tokens", ">= 2", a.max_pos_tokens)
+    _check(a.svd in ("randomized", "exact"), "algorithm.svd", "randomized or exact", a.svd)
+    _check(a.oversample >= 0, "algorithm.oversample", ">= 0", a.oversample)
+    _check(a.power_iters >= 0, "algorithm.power_iters", ">= 0", a.power_iters)
+    _check(a.hidden_layer != 0, "algorithm.hidden_layer", "-1, -2, ... or a layer >= 1 (0 is the embedding output)",
+           a.hidden_layer)
+    _check(a.eps > 0, "algorithm.eps", "> 0", a.eps)
     if ALGORITHMS[a.name].needs_groups:
-        _require(r.n >= 2, f"rollout.n must be >= 2 for the group-normalized algorithm '{a.name}', got {r.n}.")
-    _require(r.n >= 1 and r.prompts_per_step >= 1, "rollout.n and rollout.prompts_per_step must be >= 1.")
-    _require(r.temperature >= 0, f"rollout.temperature must be >= 0, got {r.temperature}.")
-    _require(0 < r.top_p <= 1, f"rollout.top_p must be in (0, 1], got {r.top_p}.")
-    _require(r.top_k == -1 or r.top_k >= 1, f"rollout.top_k must be -1 (off) or >= 1, got {r.top_k}.")
-    _require(r.max_tokens >= 1, f"rollout.max_tokens must be >= 1, got {r.max_tokens}.")
-    _require(r.kv_cache_gb > 0, f"rollout.kv_cache_gb must be > 0, got {r.kv_cache_gb}.")
-    _require(0 < r.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization must be in (0, 1].")
-    _require(loss.agg in LOSS_AGGREGATIONS,
-             f"loss.agg '{loss.agg}' is not one of: {', '.join(LOSS_AGGREGATIONS)}.")
-    _require(loss.clip_low >= 0 and loss.clip_high >= 0, "loss.clip_low and loss.clip_high must be >= 0.")
-    _require(loss.dual_clip is None or (isinstance(loss.dual_clip, (int, float)) and loss.dual_clip > 1.0),
-             f"loss.dual_clip must be > 1 or null, got {loss.dual_clip}.")
-    _require(loss.kl_type in ("k1", "k2", "k3"), f"loss.kl_type must be k1, k2 or k3, got '{loss.kl_type}'.")
-    _require(loss.kl_coef >= 0, "loss.kl_coef must be >= 0.")
-    _require(t.steps >= 0, f"trainer.steps must be >= 0, got {t.steps}.")
-    _require(t.lr > 0, f"trainer.lr must be > 0, got {t.lr}.")
-    _require(t.adam_eps > 0, f"trainer.adam_eps must be > 0, got {t.adam_eps}.")
-    _require(t.mini_batches >= 1 and t.epochs >= 1 and t.micro_batch_size >= 1,
-             "trainer.mini_batches, trainer.epochs and trainer.micro_batch_size must be >= 1.")
+        _check(r.n >= 2, "rollout.n", f">= 2 for the group-normalized algorithm '{a.name}'", r.n)
+    _check(r.n >= 1, "rollout.n", ">= 1", r.n)
+    _check(r.prompts_per_step >= 1, "rollout.prompts_per_step", ">= 1", r.prompts_per_step)
+    _check(r.temperature >= 0, "rollout.temperature", ">= 0", r.temperature)
+    _check(0 < r.top_p <= 1, "rollout.top_p", "in (0, 1]", r.top_p)
+    _check(r.top_k == -1 or r.top_k >= 1, "rollout.top_k", "-1 (off) or >= 1", r.top_k)
+    _check(r.max_tokens >= 1, "rollout.max_tokens", ">= 1", r.max_tokens)
+    _check(r.kv_cache_gb > 0, "rollout.kv_cache_gb", "> 0", r.kv_cache_gb)
+    _check(0 < r.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization", "in (0, 1]", r.gpu_memory_utilization)
+    _check(loss.agg in LOSS_AGGREGATIONS, "loss.agg", f"one of {', '.join(LOSS_AGGREGATIONS)}", loss.agg)
+    _check(loss.clip_low >= 0, "loss.clip_low", ">= 0", loss.clip_low)
+    _check(loss.clip_high >= 0, "loss.clip_high", ">= 0", loss.clip_high)
+    _check(loss.dual_clip is None or (isinstance(loss.dual_clip, (int, float)) and loss.dual_clip > 1.0),
+           "loss.dual_clip", "> 1 or null", loss.dual_clip)
+    _check(loss.kl_type in ("k1", "k2", "k3"), "loss.kl_type", "k1, k2 or k3", loss.kl_type)
+    _check(loss.kl_coef >= 0, "loss.kl_coef", ">= 0", loss.kl_coef)
+    _check(t.steps >= 0, "trainer.steps", ">= 0", t.steps)
+    _check(t.lr > 0, "trainer.lr", "> 0", t.lr)
+    _check(t.adam_eps > 0, "trainer.adam_eps", "> 0", t.adam_eps)
+    _check(t.mini_batches >= 1, "trainer.mini_batches", ">= 1", t.mini_batches)
+    _check(t.epochs >= 1, "trainer.epochs", ">= 1", t.epochs)
+    _check(t.micro_batch_size >= 1, "trainer.micro_batch_size", ">= 1", t.micro_batch_size)
     batch = r.prompts_per_step * r.n
     _require(batch % t.mini_batches == 0,
              f"rollout.prompts_per_step * rollout.n ({batch}) must be divisible by trainer.mini_batches "
              f"({t.mini_batches}).")
-    _require(t.zero_stage in (0, 1, 2, 3), f"trainer.zero_stage must be 0, 1, 2 or 3, got {t.zero_stage}.")
-    _require(t.device in ("auto", "cpu", "cuda"), f"trainer.device must be auto, cpu or cuda, got '{t.device}'.")
-    _require(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "trainer.betas must be two numbers in [0, 1).")
-    _require(e.k >= 1, f"eval.k must be >= 1, got {e.k}.")
-    _require(e.final_k is None or e.final_k >= 1, f"eval.final_k must be >= 1 or null, got {e.final_k}.")
-    _require(e.every >= 1, f"eval.every must be >= 1, got {e.every}.")
-    _require(e.num_prompts is None or e.num_prompts >= 1, "eval.num_prompts must be >= 1 or null.")
-    _require(cfg.model.dtype in ("auto", "float32", "bfloat16", "float16"),
-             f"model.dtype must be auto, float32, bfloat16 or float16, got '{cfg.model.dtype}'.")
-    _require(cfg.data.source in DATA_SOURCES,
-             f"data.source '{cfg.data.source}' is not one of: {', '.join(DATA_SOURCES)}.")
-    _require(cfg.data.overlong_prompts in ("drop", "truncate"), "data.overlong_prompts must be drop or truncate.")
-    _require(0 <= cfg.data.max_bad_fraction <= 1, "data.max_bad_fraction must be in [0, 1].")
-    s = cfg.data.synthetic
-    _require(2 <= s.min_terms <= s.max_terms, "data.synthetic needs 2 <= min_terms <= max_terms.")
-    _require(s.max_operand >= 1 and s.num_train >= 1 and s.num_test >= 1,
-             "data.synthetic.max_operand, num_train and num_test must be >= 1.")
-    _require(len(s.ops) >= 1 and set(s.ops) <= set("+-*"), "data.synthetic.ops must use only + - *.")
-    from resrl import synthetic
-    from resrl.synthetic import FLAWS
-    _require(s.flaw in FLAWS, f"data.synthetic.flaw must be one of {', '.join(FLAWS)}, got '{s.flaw}'.")
-    _require(0.0 <= s.flawed_fraction <= 1.0,
-             f"data.synthetic.flawed_fraction must be in [0, 1], got {s.flawed_fraction}.")
+    _check(t.zero_stage in (0, 1, 2, 3), "trainer.zero_stage", "0, 1, 2 or 3", t.zero_stage)
+    _check(t.device in ("auto", "cpu", "cuda"), "trainer.device", "auto, cpu or cuda", t.device)
+    _check(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "trainer.betas", "two numbers in [0, 1)",
+           list(t.betas))
+    _check(e.k >= 1, "eval.k", ">= 1", e.k)
+    _check(e.final_k is None or e.final_k >= 1, "eval.final_k", ">= 1 or null", e.final_k)
+    _check(e.every >= 1, "eval.every", ">= 1", e.every)
+    _check(e.num_prompts is None or e.num_prompts >= 1, "eval.num_prompts", ">= 1 or null", e.num_prompts)
+    _check(cfg.model.dtype in ("auto", "float32", "bfloat16", "float16"), "model.dtype",
+           "auto, float32, bfloat16 or float16", cfg.model.dtype)
+    d, s = cfg.data, cfg.data.synthetic
+    _check(d.source in DATA_SOURCES, "data.source", f"one of {', '.join(DATA_SOURCES)}", d.source)
+    _check(d.overlong_prompts in ("drop", "truncate"), "data.overlong_prompts", "drop or truncate", d.overlong_prompts)
+    _check(0 <= d.max_bad_fraction <= 1, "data.max_bad_fraction", "in [0, 1]", d.max_bad_fraction)
+    _require(2 <= s.min_terms <= s.max_terms,
+             f"data.synthetic needs 2 <= min_terms <= max_terms, got {s.min_terms}/{s.max_terms}.")
+    _check(s.max_operand >= 1, "data.synthetic.max_operand", ">= 1", s.max_operand)
+    _check(s.num_train >= 1, "data.synthetic.num_train", ">= 1", s.num_train)
+    _check(s.num_test >= 1, "data.synthetic.num_test", ">= 1", s.num_test)
+    _check(len(s.ops) >= 1 and set(s.ops) <= set("+-*"), "data.synthetic.ops", "made of + - *", s.ops)
+    _check(s.flaw in synthetic.FLAWS, "data.synthetic.flaw", f"one of {', '.join(synthetic.FLAWS)}", s.flaw)
+    _check(0.0 <= s.flawed_fraction <= 1.0, "data.synthetic.flawed_fraction", "in [0, 1]", s.flawed_fraction)
     _require(s.flaw == "none" or s.max_terms >= 3,
              f"data.synthetic.flaw={s.flaw} needs problems of >= 3 terms (two steps); max_terms is {s.max_terms}.")
-    _require(0 <= cfg.reward.max_error_fraction <= 1,
-             f"reward.max_error_fraction must be in [0, 1], got {cfg.reward.max_error_fraction}.")
+    _check(0 <= cfg.reward.max_error_fraction <= 1, "reward.max_error_fraction", "in [0, 1]",
+           cfg.reward.max_error_fraction)
     ls = cfg.reward.length_scale
-    _require(0 <= ls.end_scale <= 1, "reward.length_scale.end_scale must be in [0, 1].")
-    _require(ls.start_tokens >= 0, "reward.length_scale.start_tokens must be >= 0.")
+    _check(0 <= ls.end_scale <= 1, "reward.length_scale.end_scale", "in [0, 1]", ls.end_scale)
+    _check(ls.start_tokens >= 0, "reward.length_scale.start_tokens", ">= 0", ls.start_tokens)
     if cfg.reward.function is not None:
-        _require(":" in cfg.reward.function, "reward.function must look like 'module:function'.")
+        _check(":" in cfg.reward.function, "reward.function", "'module:function'", cfg.reward.function)
         from resrl.rewards import load_reward_function
 
         load_reward_function(cfg.reward.function)  # imported now: a typo fails here, not after data preparation
-    if cfg.data.source == "synthetic":
+    if d.source == "synthetic":
         synthetic.check_problem_space(s)
     if cfg.model.path is not None:
         check_model_dir(cfg.model.path)
@@ -292,7 +297,9 @@ def validate(cfg: DictConfig) -> None:
              f"rollout.max_tokens/eval.max_tokens ({max_new}) exceed the model's {positions} positions "
              "(model.tiny.max_positions, or max_position_embeddings of model.path).")
     if cfg.warmstart.enabled:
-        _require(cfg.warmstart.steps >= 1 and cfg.warmstart.batch_size >= 1 and cfg.warmstart.lr > 0,
-                 "warmstart.steps, batch_size and lr must be positive.")
-    _require(cfg.run.checkpoint_every >= 1 and cfg.run.keep_checkpoints >= 1,
-             "run.checkpoint_every and run.keep_checkpoints must be >= 1.")
+        w = cfg.warmstart
+        _check(w.steps >= 1, "warmstart.steps", ">= 1", w.steps)
+        _check(w.batch_size >= 1, "warmstart.batch_size", ">= 1", w.batch_size)
+        _check(w.lr > 0, "warmstart.lr", "> 0", w.lr)
+    _check(cfg.run.checkpoint_every >= 1, "run.checkpoint_every", ">= 1", cfg.run.checkpoint_every)
+    _check(cfg.run.keep_checkpoints >= 1, "run.keep_checkpoints", ">= 1", cfg.run.keep_checkpoints)

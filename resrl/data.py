@@ -20,6 +20,7 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from resrl import synthetic
 from resrl.errors import UserError
@@ -196,7 +197,19 @@ def adapt_verl(row: dict, index: int, split: str) -> dict:
             "prompt_id": str(pid), "solution": "", "extra_info": extra}
 
 
-ADAPTERS = {"gsm8k": adapt_gsm8k, "math": adapt_math, "verl": adapt_verl}
+@dataclass(frozen=True)
+class Adapter:
+    """A source's row adapter, and the fields it reads (named when too many rows are unusable)."""
+    adapt: Callable[[dict, int, str], dict]
+    fields: str
+
+
+ADAPTERS = {
+    "gsm8k": Adapter(adapt_gsm8k, "`question`, and `answer` = worked solution ending in '#### N'."),
+    "math": Adapter(adapt_math, "`problem`, and an `answer` field or a `solution` with \\boxed{...}."),
+    "verl": Adapter(adapt_verl, "`prompt` (chat messages), `reward_model.ground_truth`, `data_source`, "
+                                "`extra_info`, optional `uid`."),
+}
 DATA_SOURCES = ("synthetic", *ADAPTERS)  # the generated task, then the adapters for files
 
 
@@ -205,7 +218,7 @@ def adapt_split(rows: list[dict], source: str, split: str, summary: PrepSummary,
     out, bad, example = [], Counter(), None
     for i, row in enumerate(rows):
         try:
-            out.append(adapter(row, i, split))
+            out.append(adapter.adapt(row, i, split))
         except BadRow as b:
             bad[b.reason] += 1
             example = example or (b.reason, row)
@@ -217,7 +230,7 @@ def adapt_split(rows: list[dict], source: str, split: str, summary: PrepSummary,
         raise DataError(
             f"{sum(bad.values())} of {len(rows)} {split} rows cannot be used as data.source={source} "
             f"(more than data.max_bad_fraction={max_bad}): {dict(bad)}. Expected fields: "
-            f"{(ADAPTERS[source].__doc__ or '').split(':', 1)[-1].strip()} Example row ({reason}): {shown}")
+            f"{adapter.fields} Example row ({reason}): {shown}")
     return out
 
 

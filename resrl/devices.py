@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import torch
 
+from resrl.errors import ConfigError
+
 
 def resolve_device(name: str) -> str:
     """`trainer.device`: auto -> cuda when visible, else cpu."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("trainer.device=cuda but no CUDA device is visible")
+        raise ConfigError("trainer.device=cuda but no CUDA device is visible; use trainer.device=auto or cpu")
     return name
 
 

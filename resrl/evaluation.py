@@ -10,7 +10,7 @@ import time
 
 from resrl import seeds
 from resrl.errors import UserError
-from resrl.metrics import avg_at_k, diversity, pass_at_k_table
+from resrl.metrics import evaluation_metrics
 from resrl.rewards import is_correct
 
 
@@ -68,10 +68,8 @@ def evaluate(engine, test_set, eval_cfg, reward_fn, seed: int, step: int, *, fin
     scores, errors = score_samples(reward_fn, rows, outputs, max_error_fraction)
     correct = [[is_correct(s) for s in scores[i * k:(i + 1) * k]] for i in range(n_prompts)]
     texts = [[text for _, text, *_ in samples] for samples in outputs]
-    metrics = {f"eval/avg_at_{k}": avg_at_k(correct), "eval/k": float(k)}
-    metrics.update({f"eval/pass_at_{j}": v for j, v in pass_at_k_table(correct, k).items()})
-    metrics.update({f"eval/{k}": v for k, v in diversity(texts).items()})
-    metrics["eval/response_length"] = sum(len(ids) for s in outputs for ids, *_ in s) / (n_prompts * k)
+    lengths = [[len(ids) for ids, *_ in samples] for samples in outputs]
+    metrics = {f"eval/{name}": v for name, v in evaluation_metrics(correct, texts, lengths, k).items()}
     metrics["eval/reward_errors"] = float(errors)
     metrics["time/eval_s"] = time.time() - t0
     samples = []

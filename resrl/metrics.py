@@ -1,4 +1,13 @@
-"""Evaluation metrics: Avg@k, the unbiased Pass@k estimator, and response diversity."""
+"""Every metric computed from samples, in one place: Avg@k, the unbiased Pass@k estimator,
+response diversity, sampler-trainer agreement, and the per-step figures of a rollout batch
+and of its advantages.
+
+A new metric goes here: add it to `evaluation_metrics` (held-out samples, logged as
+`eval/<name>`), `rollout_metrics` (a step's rollouts, `train/<name>`) or
+`advantage_metrics` (a step's advantages, `train/<name>`); whatever they return is logged
+to MLflow under that name, nothing else changes. Figures that need the model itself (the
+loss, gradient norm, likelihood displacement) are computed by the trainer.
+"""
 from __future__ import annotations
 
 from typing import Sequence
@@ -71,3 +80,42 @@ def sampler_agreement(trainer_logp, sampler_logp, mask) -> dict[str, float]:
     return {"sampler_logp_diff_mean": float(diff.abs().mean()),
             "sampler_logp_diff_max": float(diff.abs().max()),
             "sampler_ratio_mean": float(diff.clamp(-20, 20).exp().mean())}
+
+
+def evaluation_metrics(correct: Sequence[Sequence[bool]], texts: Sequence[Sequence[str]],
+                       lengths: Sequence[Sequence[int]], k: int) -> dict[str, float]:
+    """Held-out figures from k samples per prompt: whether each is correct, its text, its length in tokens."""
+    out = {f"avg_at_{k}": avg_at_k(correct), "k": float(k)}
+    out.update({f"pass_at_{j}": v for j, v in pass_at_k_table(correct, k).items()})
+    out.update(diversity(texts))
+    out["response_length"] = sum(n for prompt in lengths for n in prompt) / sum(len(prompt) for prompt in lengths)
+    return out
+
+
+def rollout_metrics(batch, n: int, max_tokens: int, stop_ids: set[int]) -> dict[str, float]:
+    """A step's rollout batch (`resrl.batch.RolloutBatch`, n samples per prompt, groups in order):
+    reward, pass rate, response length, the share cut at `max_tokens` before a stop token, and
+    the share of groups with both correct and incorrect samples (the only ones group algorithms learn from)."""
+    import torch
+
+    lengths = torch.tensor([len(x) for x in batch.response_ids], dtype=torch.float)
+    truncated = [len(x) >= max_tokens and x[-1] not in stop_ids for x in batch.response_ids]
+    group_rate = batch.correct.view(-1, n).float().mean(1)
+    return {
+        "reward_mean": float(batch.rewards.mean()),
+        "pass_rate": float(batch.correct.float().mean()),
+        "response_length": float(lengths.mean()),
+        "truncated_frac": float(torch.tensor(truncated).float().mean()),
+        "mixed_group_frac": float(((group_rate > 0) & (group_rate < 1)).float().mean()),
+    }
+
+
+def advantage_metrics(adv, mask, correct) -> dict[str, float]:
+    """A step's token advantages (B, T) over the response tokens (`mask`), and its share of correct samples."""
+    valid = adv[mask]
+    return {
+        "adv/mean": float(valid.mean()) if valid.numel() else 0.0,
+        "adv/abs_mean": float(valid.abs().mean()) if valid.numel() else 0.0,
+        "adv/pos_token_frac": float((valid > 0).float().mean()) if valid.numel() else 0.0,
+        "batch/frac_positive": float(correct.float().mean()),
+    }

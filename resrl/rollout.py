@@ -6,10 +6,11 @@ trainer's weights are copied into it in place (`reload_weights`).
 from __future__ import annotations
 
 import logging
-import os
 from typing import Iterable
 
 import torch
+
+from resrl.environment import set_engine_defaults
 
 
 def on_cuda() -> bool:
@@ -54,8 +55,7 @@ def quiet_vllm() -> None:
 
 class RolloutEngine:
     def __init__(self, model_path: str, rollout_cfg, *, dtype: str, max_model_len: int, seed: int):
-        # Keep the engine core in this process: weights can then be synced in memory.
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        set_engine_defaults()
         quiet_vllm()
         from vllm import LLM
 

@@ -1,8 +1,9 @@
-"""A run folder's progress record (`state.json`) and checkpoint layout.
+"""A run folder's progress record (`state.json`), its lock and where its files go.
 
     <run_dir>/state.json                 step, MLflow run id, evaluated steps, finished
     <run_dir>/run.lock                   held (flock) by the process training the run; names it
-    <run_dir>/checkpoints/step_00012/    policy/ (HF, safetensors), optimizer, trainer_state.json
+    <run_dir>/config.yaml                the resolved config
+    <run_dir>/checkpoints/               see resrl/checkpoint.py (the one owner of that layout)
     <run_dir>/rollouts/step_00012.safetensors
     <run_dir>/eval/step_00012/           samples.json, pass_at_k.png
 """
@@ -11,14 +12,13 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import shutil
 import socket
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from resrl.errors import UserError
+from resrl.errors import ConfigError, UserError
 
 
 class RunFolderBusy(UserError):
@@ -42,6 +42,24 @@ class RunState:
     def load(cls, run_dir: Path) -> "RunState | None":
         p = cls.path(run_dir)
         return cls(**json.loads(p.read_text())) if p.is_file() else None
+
+    @classmethod
+    def open(cls, run_dir: Path, config_hash: str, resume: bool) -> "RunState":
+        """The folder's state, or a new one; refuses a folder that holds another config's run,
+        or (resume=False) one that already got somewhere."""
+        state = cls.load(run_dir)
+        if state is None:
+            state = cls(config_hash=config_hash)
+            state.save(run_dir)
+            return state
+        if state.config_hash != config_hash:
+            raise ConfigError(f"run folder {run_dir} holds a run with a different config (hash {state.config_hash}, "
+                              f"now {config_hash}); set run.name to a new name, or leave it unset to get one per "
+                              "config.")
+        if not resume and (state.step > 0 or state.finished):
+            raise ConfigError(f"run folder {run_dir} already holds a run at step {state.step}; run.resume=false "
+                              "refuses to overwrite it. Delete the folder or pick another run.name.")
+        return state
 
     def save(self, run_dir: Path) -> None:
         p = self.path(run_dir)
@@ -76,21 +94,6 @@ def run_lock(run_dir: Path):
     finally:
         os.ftruncate(fd, 0)
         os.close(fd)  # closing releases the flock
-
-
-def checkpoint_dir(run_dir: Path, step: int) -> Path:
-    return Path(run_dir) / "checkpoints" / f"step_{step:05d}"
-
-
-def prune_checkpoints(run_dir: Path, keep: int, committed: int) -> None:
-    """Keep the `keep` newest checkpoints up to the committed step. Any newer one was
-    written by an interrupted run before its step was committed, so it is stale."""
-    for ckpt in (Path(run_dir) / "checkpoints").glob("step_*"):
-        if int(ckpt.name.removeprefix("step_")) > committed:
-            shutil.rmtree(ckpt, ignore_errors=True)
-    ckpts = sorted((Path(run_dir) / "checkpoints").glob("step_*"))
-    for old in ckpts[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def rollout_path(run_dir: Path, step: int) -> Path:

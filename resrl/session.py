@@ -16,6 +16,7 @@ from resrl import seeds
 from resrl.batch import RolloutBatch
 from resrl.data import load_prepared
 from resrl.evaluation import evaluate, score_samples
+from resrl.metrics import rollout_metrics
 from resrl.rewards import is_correct, load_reward_function, math_equiv
 from resrl.rollout import RolloutEngine
 from resrl.trainer import PolicyTrainer
@@ -106,19 +107,9 @@ class TrainingSession:
                     rewards[i] *= length_scale(len(ids), ls.start_tokens, r.max_tokens, ls.end_scale)
         batch = RolloutBatch(prompt_ids, response_ids, rewards, scores_t, torch.tensor(group_ids), texts,
                              sampler_logp)
-        lengths = torch.tensor([len(x) for x in response_ids], dtype=torch.float)
-        correct = batch.correct.view(len(rows), r.n).float()
-        group_rate = correct.mean(1)
-        metrics = {
-            "train/reward_mean": float(rewards.mean()),
-            "train/pass_rate": float(batch.correct.float().mean()),
-            "train/response_length": float(lengths.mean()),
-            "train/truncated_frac": float(torch.tensor([len(x) >= r.max_tokens and x[-1] not in self.stop_ids
-                                                        for x in response_ids]).float().mean()),
-            "train/mixed_group_frac": float(((group_rate > 0) & (group_rate < 1)).float().mean()),
-            "train/reward_errors": float(errors),
-            "time/rollout_s": time.time() - t0,
-        }
+        metrics = {f"train/{k}": v for k, v in rollout_metrics(batch, r.n, r.max_tokens, self.stop_ids).items()}
+        metrics["train/reward_errors"] = float(errors)
+        metrics["time/rollout_s"] = time.time() - t0
         return batch, metrics
 
     def update(self, step: int, batch: RolloutBatch) -> dict[str, float]:

@@ -52,13 +52,32 @@ class SweepPoint:
 
 @dataclass
 class Sweep:
-    name: str
     sweep_id: str
     points: list[SweepPoint]
     concurrency: int
-    headline: str
-    heatmap: list[str]
-    spec: dict
+    spec: dict                 # the sweep file as read; logged to MLflow, where the report reads it back
+
+
+@dataclass(frozen=True)
+class ReportSettings:
+    headline: str              # the heat map's metric
+    heatmap: list[str]         # [] or two swept keys (rows, columns)
+    reference: dict | None     # a configuration to pair every other one against, seed by seed
+
+
+DEFAULT_HEADLINE = "eval/pass_at_1"
+
+
+def report_settings(spec: dict) -> ReportSettings:
+    """The `report:` section of a sweep file, checked, with its defaults."""
+    report = spec.get("report") or {}
+    if set(report) - REPORT_KEYS:
+        raise ConfigError(f"unknown report key(s) {sorted(set(report) - REPORT_KEYS)}; allowed: {sorted(REPORT_KEYS)}")
+    heatmap = list(report.get("heatmap") or [])
+    if heatmap and len(heatmap) != 2:
+        raise ConfigError("report.heatmap needs exactly two config keys (rows, columns)")
+    return ReportSettings(headline=report.get("headline", DEFAULT_HEADLINE), heatmap=heatmap,
+                          reference=report.get("reference"))
 
 
 def _as_override(key: str, value) -> str:
@@ -99,9 +118,7 @@ def load_sweep(path: str | Path, extra_overrides: list[str] = ()) -> Sweep:
     unknown = set(spec) - SWEEP_KEYS
     if unknown:
         raise ConfigError(f"unknown sweep key(s) {sorted(unknown)} in {path}; allowed: {sorted(SWEEP_KEYS)}")
-    report = spec.get("report") or {}
-    if set(report) - REPORT_KEYS:
-        raise ConfigError(f"unknown report key(s) {sorted(set(report) - REPORT_KEYS)}; allowed: {sorted(REPORT_KEYS)}")
+    report_settings(spec)  # a mistake there fails now, not after training
     base = resolve_base(spec.get("base"), path)
     combos = expand_grid(spec.get("grid") or {}, spec.get("points") or [])
     if not combos:
@@ -121,11 +138,7 @@ def load_sweep(path: str | Path, extra_overrides: list[str] = ()) -> Sweep:
             points.append(SweepPoint(combo, cfg, key))
     name = spec.get("name") or path.stem
     digest = hashlib.sha256(json.dumps(sorted(p.key for p in points)).encode()).hexdigest()[:8]
-    heatmap = list(report.get("heatmap") or [])
-    if heatmap and len(heatmap) != 2:
-        raise ConfigError("report.heatmap needs exactly two config keys (rows, columns)")
     concurrency = int(spec.get("concurrency", 1))
     if concurrency < 1:
         raise ConfigError("sweep concurrency must be >= 1")
-    return Sweep(name=name, sweep_id=f"{name}-{digest}", points=points, concurrency=concurrency,
-                 headline=report.get("headline", "eval/pass_at_1"), heatmap=heatmap, spec=spec)
+    return Sweep(sweep_id=f"{name}-{digest}", points=points, concurrency=concurrency, spec=spec)

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import random
 
+from resrl.errors import ConfigError
+
 DATA_SOURCE = "synthetic_arith"
 FLAWS = ("none", "skip_last")
 
@@ -63,8 +65,6 @@ def problem_space(cfg) -> int:
 def check_problem_space(cfg) -> None:
     """ConfigError unless the settings have room for the asked number of distinct problems
     (cheap: validation calls it before anything is built)."""
-    from resrl.config import ConfigError
-
     space = problem_space(cfg)
     wanted = cfg.num_test + cfg.num_train
     if wanted > 0.5 * space:

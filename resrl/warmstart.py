@@ -11,6 +11,7 @@ import random
 import torch
 
 from resrl import interrupts
+from resrl.errors import ConfigError
 
 
 def warm_start(base_dir, out_dir, train_rows, cfg, progress: bool = True) -> dict[str, float]:
@@ -26,10 +27,8 @@ def warm_start(base_dir, out_dir, train_rows, cfg, progress: bool = True) -> dic
     examples = [(r["prompt_token_ids"], tokenizer(r["solution"], add_special_tokens=False)["input_ids"] + [eos])
                 for r in train_rows if r["solution"]]
     if not examples:
-        from resrl.config import ConfigError
-
         raise ConfigError("warmstart.enabled=true but the training data has no worked solutions; "
-                         "set warmstart.enabled=false")
+                          "set warmstart.enabled=false")
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=w.lr, weight_decay=0.0)

@@ -1,4 +1,4 @@
-"""The four workflow steps as Prefect tasks.
+"""The workflow steps as Prefect tasks (and the scheduled evaluation of a saved checkpoint).
 
 Tasks take and return plain data (the resolved config as a dict, paths, step
 numbers, metrics), never live engines: the vLLM engine and the DeepSpeed trainer
@@ -13,7 +13,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from resrl.config import from_dict, run_dir
-from resrl.run_state import RunState, checkpoint_dir, eval_dir, rollout_path
+from resrl.checkpoint import checkpoint_dir, policy_dir
+from resrl.run_state import RunState, eval_dir, rollout_path
 
 
 def _session(config: dict, prepared: dict) -> tuple[object, dict[str, float]]:
@@ -34,7 +35,7 @@ def _session(config: dict, prepared: dict) -> tuple[object, dict[str, float]]:
     state = RunState.load(rdir)
     if state is not None and state.step > 0:
         ckpt = checkpoint_dir(rdir, state.step)
-        session = open_session(str(rdir), cfg, prepared, str(ckpt / "policy"), str(ckpt))
+        session = open_session(str(rdir), cfg, prepared, str(policy_dir(ckpt)), str(ckpt))
     else:
         session = open_session(str(rdir), cfg, prepared, prepared["policy_dir"], None)
     return session, {"time/engine_start_s": time.time() - t0}
@@ -89,7 +90,33 @@ def evaluate_policy(config: dict, prepared: dict, step: int, final: bool = False
     metrics.update(started)
     out = eval_dir(run_dir(cfg), step)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "samples.json").write_text(json.dumps(samples, indent=1))
+    samples_file, plot_file = out / "samples.json", out / "pass_at_k.png"
+    samples_file.write_text(json.dumps(samples, indent=1))
     table = {int(name.rsplit("_", 1)[1]): v for name, v in metrics.items() if name.startswith("eval/pass_at_")}
-    plot_pass_at_k({f"step {step}": table}, out / "pass_at_k.png", title=f"Pass@k, step {step}")
-    return {"metrics": metrics, "dir": str(out)}
+    plot_pass_at_k({f"step {step}": table}, plot_file, title=f"Pass@k, step {step}")
+    return {"metrics": metrics, "dir": str(out), "samples_file": str(samples_file), "plot_file": str(plot_file)}
+
+
+@task(name="evaluate-checkpoint", cache_policy=NO_CACHE)
+def evaluate_checkpoint(config: dict, ckpt_dir: str) -> dict:
+    """Avg@k / Pass@k of a saved checkpoint's policy on the held-out prompts, with a fresh vLLM
+    engine (the scheduled evaluation of a run that may have finished long ago)."""
+    from omegaconf import OmegaConf
+
+    from resrl.checkpoint import step_of
+    from resrl.data import load_prepared
+    from resrl.evaluation import evaluate
+    from resrl.prepare import prepare_base_and_data
+    from resrl.rewards import load_reward_function
+    from resrl.rollout import RolloutEngine
+
+    cfg = from_dict(config)
+    step = step_of(Path(ckpt_dir))
+    test = load_prepared(prepare_base_and_data(cfg)["dataset_dir"])["test"]
+    engine = RolloutEngine.for_run(str(policy_dir(Path(ckpt_dir))), cfg, max(len(p) for p in test["prompt_token_ids"]))
+    try:
+        metrics, samples = evaluate(engine, test, cfg.eval, load_reward_function(cfg.reward.function), cfg.seed, step,
+                                    max_error_fraction=OmegaConf.select(cfg, "reward.max_error_fraction", default=1.0))
+    finally:
+        engine.close()
+    return {"step": step, "metrics": metrics, "samples": samples}

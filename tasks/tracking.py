@@ -193,3 +193,94 @@ def announce_run(cfg, run_id: str) -> None:
         create_markdown_artifact(
             markdown=f"MLflow run `{run_id}` (experiment {exp_id}) in `{uri}`.\n\nSee it with:\n\n"
                      f"    {run_url_hint(cfg, run_id)}\n", key="mlflow-run", description=f"MLflow run {run_id}")
+
+
+# ----------------------------------------------------------------------------- a training run's MLflow run
+
+def start_or_resume_run(cfg, state, run_dir: Path, flow_run_id: str) -> str:
+    """The MLflow run of a run folder (`state`, a resrl.run_state.RunState): created on the folder's
+    first start, with its tags, params and config.yaml; on a resume set RUNNING again, tagged with
+    the new flow run, and cleared of the error an earlier attempt left. Returns its id.
+
+    A new run's id is saved in `state` at once, so an interruption from here on resumes that
+    run instead of creating another."""
+    from omegaconf import OmegaConf
+
+    from resrl.config import run_name
+
+    client = client_for(cfg)
+    if state.mlflow_run_id is None:
+        tags = {"prefect.flow_run_id": flow_run_id, "resrl.config_hash": state.config_hash,
+                "resrl.run_dir": str(Path(run_dir).resolve()), "resrl.algorithm": cfg.algorithm.name}
+        if cfg.run.sweep_id:
+            tags["resrl.sweep_id"] = cfg.run.sweep_id
+        state.mlflow_run_id = start_run(cfg, run_name(cfg), tags=tags, parent_run_id=cfg.run.parent_run_id)
+        state.save(run_dir)
+        log_config_params(cfg, state.mlflow_run_id)
+        client.log_text(state.mlflow_run_id, OmegaConf.to_yaml(cfg), "config.yaml")
+    else:
+        client.set_terminated(state.mlflow_run_id, status="RUNNING")
+        client.set_tag(state.mlflow_run_id, "prefect.flow_run_id", flow_run_id)
+        if "resrl.error" in client.get_run(state.mlflow_run_id).data.tags:  # from the attempt that failed
+            client.delete_tag(state.mlflow_run_id, "resrl.error")
+    return state.mlflow_run_id
+
+
+def finish_run(cfg, run_id: str, status: str = "FINISHED") -> None:
+    client_for(cfg).set_terminated(run_id, status=status)
+
+
+def fail_run(cfg, run_id: str, exc: BaseException) -> str:
+    """Mark the run KILLED (Ctrl-C: stopped by the user, not broken) or FAILED, with the error in
+    the `resrl.error` tag; returns the status."""
+    status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+    client = client_for(cfg)
+    client.set_tag(run_id, "resrl.error", f"{type(exc).__name__}: {exc}"[:4000])
+    client.set_terminated(run_id, status=status)
+    return status
+
+
+def log_eval_files(cfg, run_id: str, samples_file: Path, plot_file: Path, artifact_dir: str) -> None:
+    """An evaluation's sample rows (as a table the UI shows) and its Pass@k plot."""
+    import json
+
+    import pandas as pd
+
+    client = client_for(cfg)
+    samples = json.loads(Path(samples_file).read_text())
+    if samples:
+        client.log_table(run_id, data=pd.DataFrame(samples), artifact_file=f"{artifact_dir}/{Path(samples_file).name}")
+    client.log_artifact(run_id, str(plot_file), artifact_path=artifact_dir)
+
+
+def log_policy(cfg, run_id: str, policy_dir: Path) -> None:
+    """The policy folder as the run's `policy/` artifact (loads with from_pretrained)."""
+    client_for(cfg).log_artifacts(run_id, str(policy_dir), artifact_path="policy")
+
+
+# ----------------------------------------------------------------------------- reading a run back
+
+def find_run_by_name(cfg, name: str):
+    """The newest run of run.experiment named `name`; ConfigError when there is none."""
+    from resrl.errors import ConfigError
+
+    runs = search_runs(cfg, f"tags.`mlflow.runName` = '{name}'", order_by=["attributes.start_time DESC"])
+    if not runs:
+        raise ConfigError(f"no MLflow run named '{name}' in {tracking_uri(cfg)} (experiment '{cfg.run.experiment}')")
+    return runs[0]
+
+
+def logged_config(cfg, run_id: str):
+    """The resolved config a training run logged as config.yaml."""
+    import tempfile
+
+    from omegaconf import OmegaConf
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return OmegaConf.load(client_for(cfg).download_artifacts(run_id, "config.yaml", tmp))
+
+
+def log_json(cfg, run_id: str, data, artifact_file: str) -> None:
+    import json
+
+    client_for(cfg).log_text(run_id, json.dumps(data, indent=1), artifact_file)

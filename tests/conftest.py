@@ -18,12 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from resrl.environment import set_process_defaults
+
 ROOT = Path(__file__).resolve().parent.parent
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+set_process_defaults()  # the same environment as the CLI's
 
 
 @pytest.fixture(scope="session")
@@ -99,8 +97,9 @@ def smoke_run(workdir, prefect_api_url, smoke_prepared):
 
 
 # Fixtures that start engines, flows or servers. A test that uses one, directly or through
-# another fixture, is marked `slow`; `pytest -m "not slow"` is the quick subset to run
-# while editing (the default `pytest`, and CI, run everything).
+# another fixture, is marked `slow` here; a test that starts such processes itself carries
+# @pytest.mark.slow. `pytest -m "not slow"` (`make test-fast`) is the quick subset to run
+# while editing, under a minute on 2 cores (the default `pytest`, and CI, run everything).
 HEAVY_FIXTURES = {"session", "smoke_prepared", "smoke_run", "sweep_run", "learner", "prefect_api_url"}
 
 

@@ -93,6 +93,11 @@ def test_bad_rows_are_counted_and_too_many_fail_with_an_example():
         adapt_split(rows, "gsm8k", "train", PrepSummary(), max_bad=0.1)
     msg = str(e.value)
     assert "3 of 13" in msg and "question" in msg and "answer" in msg and "Example row" in msg
+    assert "Expected fields: `question`, and `answer` = worked solution ending in '#### N'. Example row" in msg
+    with pytest.raises(DataError) as e:
+        adapt_split([{"prompt": "q"}], "verl", "train", PrepSummary(), max_bad=0.0)
+    assert ("Expected fields: `prompt` (chat messages), `reward_model.ground_truth`, `data_source`, `extra_info`, "
+            "optional `uid`. Example row (missing_field:reward_model.ground_truth)") in str(e.value)
 
 
 def test_overlong_prompts_dropped_or_truncated(tmp_path, tokenizer):

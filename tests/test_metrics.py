@@ -4,7 +4,8 @@ import math
 
 import pytest
 
-from resrl.metrics import avg_at_k, diversity, k_values, pass_at_k, pass_at_k_table
+from resrl.metrics import (advantage_metrics, avg_at_k, diversity, evaluation_metrics, k_values, pass_at_k,
+                           pass_at_k_table, rollout_metrics)
 
 
 def brute_pass_at_k(n, c, k):
@@ -54,3 +55,29 @@ def test_diversity():
     assert d["distinct_responses"] == pytest.approx((0.5 + 1.0) / 2)
     # prompt 1: bigrams (a,b),(b,c) twice -> 2 unique / 4; prompt 2: 2 / 2
     assert d["distinct_2"] == pytest.approx((0.5 + 1.0) / 2)
+
+
+def test_evaluation_metrics_by_hand():
+    correct = [[True, False], [False, False]]
+    m = evaluation_metrics(correct, [["a b", "a b"], ["x", "y"]], [[3, 5], [2, 2]], k=2)
+    assert m["avg_at_2"] == pytest.approx(0.25) and m["k"] == 2.0
+    assert m["pass_at_1"] == pytest.approx(0.25) and m["pass_at_2"] == pytest.approx(0.5)
+    assert m["distinct_responses"] == pytest.approx(0.75) and m["response_length"] == pytest.approx(3.0)
+
+
+def test_rollout_and_advantage_metrics_by_hand():
+    import torch
+
+    from resrl.batch import RolloutBatch
+
+    scores = torch.tensor([1.0, 0.0, 0.0, 0.0])  # group 0 mixed, group 1 all wrong
+    batch = RolloutBatch([[1]] * 4, [[5, 6, 7], [5, 9], [5, 6, 2], [8]], scores * 0.5, scores, torch.tensor([0, 0, 1, 1]))
+    m = rollout_metrics(batch, n=2, max_tokens=3, stop_ids={2})
+    assert m == {"reward_mean": 0.125, "pass_rate": 0.25, "response_length": 2.25,
+                 "truncated_frac": 0.25,  # [5, 6, 7] hit the budget; [5, 6, 2] ended on a stop token
+                 "mixed_group_frac": 0.5}
+    adv = torch.tensor([[1.0, 1.0], [-1.0, 0.0]])
+    mask = torch.tensor([[True, True], [True, False]])
+    a = advantage_metrics(adv, mask, batch.correct[:2])
+    assert a["adv/mean"] == pytest.approx(1 / 3) and a["adv/abs_mean"] == 1.0
+    assert a["adv/pos_token_frac"] == pytest.approx(2 / 3) and a["batch/frac_positive"] == 0.5

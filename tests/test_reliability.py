@@ -120,6 +120,7 @@ def test_a_second_start_of_a_run_refuses_naming_the_holder_and_a_dead_holder_is_
 
 # ----------------------------------------------------------------------------- 2. parallel starts, new store
 
+@pytest.mark.slow  # four processes that import MLflow: 15-25 s
 def test_parallel_starts_on_a_new_sqlite_store_all_succeed(tmp_path):
     code = ("import sys; from resrl.config import load_config; from tasks.tracking import start_run\n"
             "print(start_run(load_config(None, [f'run.output_dir={sys.argv[1]}']), 'p', {}))")
@@ -292,6 +293,7 @@ def test_a_ctrl_c_that_a_destructor_swallows_is_raised_again_at_the_next_check(m
     interrupts.check()  # nothing pending after a reset
 
 
+@pytest.mark.slow  # a real `resrl train` process with its Prefect server: 10-20 s
 def test_kill_9_leaves_no_prefect_server_behind(workdir, tmp_path):
     proc, _ = _start_train(tmp_path, workdir)
     servers = _children(proc.pid)

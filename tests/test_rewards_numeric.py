@@ -1,6 +1,7 @@
 """GSM8K-style final-answer extraction and numeric comparison."""
 import pytest
 
+from resrl.errors import UserError
 from resrl.rewards import compute_score, load_reward_function
 from resrl.rewards.numeric import extract_final_answer, gsm8k_ground_truth, numeric_score
 
@@ -48,11 +49,11 @@ def test_gsm8k_ground_truth():
 
 def test_registry_and_user_function():
     assert compute_score("synthetic_arith", " 1+1=2. #### 2", "2") == 1.0
-    with pytest.raises(KeyError, match="no reward function"):
+    with pytest.raises(UserError, match="no reward function"):
         compute_score("unknown_source", "x", "1")
     fn = load_reward_function("resrl.rewards.numeric:numeric_score")
     assert fn("#### 5", "5") == 1.0
-    with pytest.raises(ValueError, match="cannot be loaded"):
+    with pytest.raises(UserError, match="cannot be loaded"):
         load_reward_function("no_such_module:fn")
 
 

@@ -1,14 +1,26 @@
-"""Run-folder bookkeeping: which checkpoints survive pruning."""
-from resrl.run_state import RunState, checkpoint_dir, prune_checkpoints
+"""Run-folder bookkeeping: the state file, and which checkpoints exist and survive pruning."""
+import pytest
+
+from resrl.checkpoint import checkpoint_dir, latest_checkpoint, list_checkpoints, policy_dir, prune_checkpoints, step_of
+from resrl.errors import ConfigError
+from resrl.run_state import RunState
 
 
 def _make(rdir, *steps):
     for s in steps:
-        (checkpoint_dir(rdir, s) / "policy").mkdir(parents=True)
+        policy_dir(checkpoint_dir(rdir, s)).mkdir(parents=True)
 
 
 def _left(rdir):
-    return sorted(int(p.name[5:]) for p in (rdir / "checkpoints").iterdir())
+    return [step_of(c) for c in list_checkpoints(rdir)]
+
+
+def test_checkpoints_are_listed_by_step(tmp_path):
+    assert latest_checkpoint(tmp_path) is None and list_checkpoints(tmp_path) == []
+    _make(tmp_path, 100000, 9, 12)  # past 5 digits the names no longer sort as the steps do
+    assert _left(tmp_path) == [9, 12, 100000]
+    assert latest_checkpoint(tmp_path) == checkpoint_dir(tmp_path, 100000)
+    assert step_of(checkpoint_dir(tmp_path, 7)) == 7
 
 
 def test_pruning_keeps_the_newest_committed_checkpoints(tmp_path):
@@ -31,3 +43,15 @@ def test_state_round_trips_and_saves_atomically(tmp_path):
     assert RunState.load(tmp_path) == state
     assert not list(tmp_path.glob("*.tmp"))
     assert RunState.load(tmp_path / "missing") is None
+
+
+def test_state_open_refuses_another_config_and_a_started_run_without_resume(tmp_path):
+    state = RunState.open(tmp_path, "abc", resume=False)
+    assert state == RunState(config_hash="abc") and RunState.load(tmp_path) == state
+    with pytest.raises(ConfigError, match="different config"):
+        RunState.open(tmp_path, "xyz", resume=True)
+    state.step = 2
+    state.save(tmp_path)
+    assert RunState.open(tmp_path, "abc", resume=True).step == 2
+    with pytest.raises(ConfigError, match="run.resume=false"):
+        RunState.open(tmp_path, "abc", resume=False)

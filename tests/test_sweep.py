@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from conftest import ROOT, smoke_overrides
 from resrl.config import ConfigError
 from resrl.report import mean_ci95, write_report
-from resrl.sweep import expand_grid, load_sweep
+from resrl.sweep import ReportSettings, expand_grid, load_sweep, report_settings
 
 
 def test_grid_expansion_order_and_points():
@@ -66,7 +66,7 @@ def test_sweep_base_resolves_from_any_working_directory(tmp_path, monkeypatch):
 def test_smoke_sweep_definition():
     s = load_sweep(ROOT / "conf" / "sweep" / "smoke.yaml")
     assert len(s.points) >= 4 and len({p.key for p in s.points}) == len(s.points)
-    assert s.heatmap == ["algorithm.rank", "algorithm.min_weight"]
+    assert report_settings(s.spec) == ReportSettings("eval/pass_at_1", ["algorithm.rank", "algorithm.min_weight"], None)
     again = load_sweep(ROOT / "conf" / "sweep" / "smoke.yaml")
     assert again.sweep_id == s.sweep_id  # same definition, same id
 
@@ -136,7 +136,7 @@ def test_report_paired_differences_by_hand(tmp_path):
 
 
 def test_final_eval_metrics_keep_the_last_evaluations_k():
-    from flows.sweep import final_eval_metrics
+    from tasks.report import final_eval_metrics
 
     logged = {"eval/k": 64.0, "eval/avg_at_8": 0.5, "eval/avg_at_64": 0.6, "eval/pass_at_64": 0.9,
               "eval/pass_at_8": 0.8, "eval/distinct_2": 0.3, "train/loss": 1.0}

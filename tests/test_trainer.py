@@ -8,6 +8,7 @@ import torch
 
 from resrl.algorithms import residual_token_weights
 from resrl.batch import RolloutBatch, pack
+from resrl.checkpoint import policy_dir
 from resrl.config import load_config
 from resrl.trainer import PolicyTrainer, capture_hidden
 
@@ -131,8 +132,8 @@ def test_checkpoint_round_trip_resumes_exactly(micro_model, tmp_path):
     first = trainer_for(micro_model)
     first.train_step(b1, 1)
     first.save_checkpoint(tmp_path / "ck", 1)
-    assert (tmp_path / "ck" / "policy" / "model.safetensors").is_file()
-    resumed = trainer_for(tmp_path / "ck" / "policy")
+    assert (policy_dir(tmp_path / "ck") / "model.safetensors").is_file()
+    resumed = trainer_for(policy_dir(tmp_path / "ck"))
     assert resumed.load_checkpoint(tmp_path / "ck") == 1
     assert resumed.scheduler.get_last_lr() == first.scheduler.get_last_lr()
     resumed.train_step(b2, 2)

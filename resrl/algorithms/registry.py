@@ -15,6 +15,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from resrl.errors import ConfigError
+
 # (rewards (B,), correct (B,) bool, group_ids (B,) long, params) -> advantages (B,)
 AdvantageFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Any], torch.Tensor]
 # (hidden (B,T,H), response_mask, correct, group_ids, params) -> (weights (B,T), stats)
@@ -54,4 +56,4 @@ def get_algorithm(name: str) -> Algorithm:
     try:
         return ALGORITHMS[name]
     except KeyError:
-        raise ValueError(f"unknown algorithm {name!r}; registered: {', '.join(sorted(ALGORITHMS))}") from None
+        raise ConfigError(f"unknown algorithm {name!r}; registered: {', '.join(sorted(ALGORITHMS))}") from None

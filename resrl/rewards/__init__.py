@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import Callable, Optional
 
+from resrl.errors import ConfigError
 from resrl.rewards.math_equiv import last_boxed, math_score
 from resrl.rewards.numeric import numeric_score
 
@@ -21,6 +22,7 @@ CORRECT_SCORE = 0.5  # a score at or above this counts as a correct answer (pass
 def is_correct(score):
     """The one rule for "correct": works on a float or a tensor of scores."""
     return score >= CORRECT_SCORE
+
 
 REWARDS: dict[str, RewardFn] = {}
 
@@ -38,8 +40,8 @@ def compute_score(data_source: str, solution_str: str, ground_truth: str, extra_
     try:
         fn = REWARDS[data_source]
     except KeyError:
-        raise KeyError(f"no reward function registered for data_source {data_source!r}; known: "
-                       f"{', '.join(sorted(REWARDS))}. Set reward.function to 'module:function'.") from None
+        raise ConfigError(f"no reward function registered for data_source {data_source!r}; known: "
+                          f"{', '.join(sorted(REWARDS))}. Set reward.function to 'module:function'.") from None
     return float(fn(solution_str, ground_truth, extra_info))
 
 
@@ -47,8 +49,6 @@ def load_reward_function(spec: Optional[str]) -> Callable[..., float]:
     """`None` -> compute_score; `"pkg.module:fn"` -> that function (verl signature)."""
     if spec is None:
         return compute_score
-    from resrl.config import ConfigError
-
     module_name, _, attr = spec.partition(":")
     try:
         fn = getattr(importlib.import_module(module_name), attr)

@@ -1,0 +1,109 @@
+"""A run's checkpoints: where they live and what one holds. The one owner of that layout.
+
+    <run_dir>/checkpoints/step_00012/
+        policy/                  the policy as a Hugging Face folder (safetensors) + tokenizer
+        optimizer.safetensors    a plain torch optimizer's state (param groups in the metadata)
+        deepspeed/               ... or a ZeRO optimizer's partitioned state, in DeepSpeed's format
+        trainer_state.json       {"step": 12}
+
+Everything else (the trainer, the tasks, the flows, the benchmarks) asks this module for
+these paths instead of spelling them.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+POLICY = "policy"
+OPTIMIZER = "optimizer.safetensors"
+DEEPSPEED = "deepspeed"
+TRAINER_STATE = "trainer_state.json"
+_PREFIX = "step_"
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"{_PREFIX}{step:05d}"
+
+
+def policy_dir(ckpt_dir: Path) -> Path:
+    """The checkpoint's policy: a folder `AutoModelForCausalLM.from_pretrained` and vLLM load."""
+    return Path(ckpt_dir) / POLICY
+
+
+def step_of(ckpt_dir: Path) -> int:
+    return int(Path(ckpt_dir).name.removeprefix(_PREFIX))
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """The run's checkpoint folders on disk, oldest step first."""
+    return sorted((Path(run_dir) / "checkpoints").glob(f"{_PREFIX}*"), key=step_of)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def prune_checkpoints(run_dir: Path, keep: int, committed: int) -> None:
+    """Keep the `keep` newest checkpoints up to the committed step. Any newer one was
+    written by an interrupted run before its step was committed, so it is stale."""
+    for ckpt in list_checkpoints(run_dir):
+        if step_of(ckpt) > committed:
+            shutil.rmtree(ckpt, ignore_errors=True)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- contents
+
+def save_policy(out_dir: Path, module, weights: dict[str, torch.Tensor], tokenizer) -> Path:
+    """An HF model folder (safetensors) with the given (gathered) weights, and the tokenizer."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    module.save_pretrained(out_dir, state_dict=weights, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def save(ckpt_dir: Path, step: int, engine, weights: dict[str, torch.Tensor], tokenizer) -> None:
+    """Policy + optimizer state + step, from a DeepSpeed engine."""
+    ckpt_dir = Path(ckpt_dir)
+    save_policy(policy_dir(ckpt_dir), engine.module, weights, tokenizer)
+    opt = engine.optimizer
+    if isinstance(opt, torch.optim.Optimizer):
+        from safetensors.torch import save_file
+
+        state = opt.state_dict()
+        tensors = {f"{i}.{k}": v.detach().cpu().contiguous() if torch.is_tensor(v) else torch.tensor(v)
+                   for i, s in state["state"].items() for k, v in s.items()}
+        save_file(tensors, str(ckpt_dir / OPTIMIZER), metadata={"param_groups": json.dumps(state["param_groups"])})
+    else:
+        # ZeRO optimizers keep partitioned state: DeepSpeed's own format, written by this run.
+        engine.save_checkpoint(str(ckpt_dir / DEEPSPEED), tag="latest", save_latest=False)
+    (ckpt_dir / TRAINER_STATE).write_text(json.dumps({"step": step}))
+
+
+def load(ckpt_dir: Path, engine) -> int:
+    """Restore the optimizer state into a DeepSpeed engine built on the checkpoint's policy;
+    returns the RL step saved. The LR schedule is not restored (the trainer re-advances it)."""
+    ckpt_dir = Path(ckpt_dir)
+    step = json.loads((ckpt_dir / TRAINER_STATE).read_text())["step"]
+    opt = engine.optimizer
+    if isinstance(opt, torch.optim.Optimizer):
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(ckpt_dir / OPTIMIZER))
+        with safe_open(str(ckpt_dir / OPTIMIZER), "pt") as f:
+            groups = json.loads(f.metadata()["param_groups"])
+        state: dict[int, dict] = {}
+        for key, value in tensors.items():
+            idx, name = key.split(".", 1)
+            state.setdefault(int(idx), {})[name] = value
+        opt.load_state_dict({"state": state, "param_groups": groups})
+    else:
+        engine.load_checkpoint(str(ckpt_dir / DEEPSPEED), tag="latest", load_module_strict=True,
+                               load_lr_scheduler_states=False)
+    return step

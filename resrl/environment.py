@@ -1,0 +1,54 @@
+"""Environment variables resrl sets when the user has not: the one place that lists them.
+
+Each is a default (`os.environ.setdefault`): a value the user exported wins.
+"""
+from __future__ import annotations
+
+import os
+import socket
+
+# Needed for correctness, also when the library is used without the CLI.
+ENGINE_DEFAULTS = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # vLLM's engine core in this process: weights sync in memory
+}
+
+# Quiet and offline: what the CLI (and the test suite) run with.
+PROCESS_DEFAULTS = {
+    **ENGINE_DEFAULTS,
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "VLLM_LOGGING_LEVEL": "ERROR",          # its CPU warnings repeat at every weight sync
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_OFFLINE": "1",                  # nothing is downloaded unless the user opts in
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    # Prefect's temporary server gets 20 s to answer; 8 runs starting at once on 2 cores needed more
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+}
+
+
+def _set_defaults(values: dict[str, str]) -> None:
+    for key, value in values.items():
+        os.environ.setdefault(key, value)
+
+
+def set_process_defaults() -> None:
+    """For a whole process (the CLI, the tests): before anything heavy is imported."""
+    _set_defaults(PROCESS_DEFAULTS)
+
+
+def set_engine_defaults() -> None:
+    """Before a vLLM engine is built."""
+    _set_defaults(ENGINE_DEFAULTS)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def set_single_process_world(device: str) -> None:
+    """torch.distributed's variables for a world of this one process, unless a launcher set them."""
+    if device == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    _set_defaults({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"})
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))  # looked for only when none is set

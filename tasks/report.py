@@ -1,0 +1,105 @@
+"""A sweep's record in MLflow and its comparison report.
+
+The sweep's parent MLflow run (tagged `resrl.sweep_id`, `resrl.role=sweep`) holds the
+sweep file (`sweep.yaml`) and the list of its points (`points.json`); the report is
+built from those and the points' own runs alone, so `resrl compare` can rebuild it
+anywhere the store is reachable. The tables and plots are drawn by resrl/report.py.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from resrl.config import ConfigError
+from resrl.report import write_report
+from resrl.sweep import report_settings
+from tasks import tracking
+
+SPEC_FILE = "sweep.yaml"
+POINTS_FILE = "points.json"
+
+
+def find_sweep_run(cfg, sweep_id: str) -> str | None:
+    found = tracking.search_runs(cfg, f"tags.`resrl.sweep_id` = '{sweep_id}' and tags.`resrl.role` = 'sweep'")
+    return found[0].info.run_id if found else None
+
+
+def start_or_resume_sweep_run(cfg, sweep_id: str, spec: dict) -> str:
+    """The sweep's parent MLflow run: found by its sweep id, else created; given the sweep file."""
+    tracking.ensure_experiment(cfg)
+    run_id = find_sweep_run(cfg, sweep_id)
+    if run_id is None:
+        run_id = tracking.start_run(cfg, sweep_id, tags={"resrl.sweep_id": sweep_id, "resrl.role": "sweep"})
+    # written again on every start: the same points with new report settings re-report, nothing retrains
+    tracking.client_for(cfg).log_text(run_id, yaml.safe_dump(spec, sort_keys=False), SPEC_FILE)
+    return run_id
+
+
+def log_points(cfg, run_id: str, points: list[dict]) -> None:
+    """The sweep's points (swept values, run name, MLflow run id, status) on its parent run."""
+    tracking.client_for(cfg).log_text(run_id, json.dumps(points, indent=1), POINTS_FILE)
+
+
+def final_eval_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """The run's last evaluation: Avg@K and Pass@k for k <= K, K = `eval/k` of that evaluation.
+
+    MLflow keeps each key's latest value; when the last evaluation draws more samples
+    (`eval.final_k`) the earlier, smaller `eval/avg_at_k` would otherwise linger."""
+    k_final = int(metrics.get("eval/k", 0))
+    out = {}
+    for key, value in metrics.items():
+        if key.startswith("eval/avg_at_"):
+            if not k_final or int(key.rsplit("_", 1)[1]) == k_final:
+                out[key] = value
+        elif key.startswith("eval/pass_at_"):
+            if not k_final or int(key.rsplit("_", 1)[1]) <= k_final:
+                out[key] = value
+        elif key.startswith("eval/") and key != "eval/k":
+            out[key] = value
+    return out
+
+
+def sweep_runs(cfg, sweep_id: str) -> tuple[str, pd.DataFrame, dict, list[str]]:
+    """Parent run id, one row per point (params of the swept keys + final eval metrics), the spec,
+    and the swept keys (as recorded in points.json, in the order the sweep file gives them)."""
+    client = tracking.client_for(cfg)
+    parent = find_sweep_run(cfg, sweep_id)
+    if parent is None:
+        raise ConfigError(f"no sweep '{sweep_id}' in the MLflow store {tracking.tracking_uri(cfg)} "
+                          f"(experiment '{cfg.run.experiment}')")
+    with tempfile.TemporaryDirectory() as tmp:
+        points = json.loads(Path(client.download_artifacts(parent, POINTS_FILE, tmp)).read_text())
+        spec = yaml.safe_load(Path(client.download_artifacts(parent, SPEC_FILE, tmp)).read_text())
+    rows = []
+    for p in points:
+        row = {"run_name": p["run_name"], "status": p["status"], "mlflow_run_id": p["mlflow_run_id"]}
+        row.update(p["values"])  # every swept key, from the point's resolved config
+        if p["mlflow_run_id"]:
+            run = client.get_run(p["mlflow_run_id"])
+            row["status"] = "finished" if run.info.status == "FINISHED" else p["status"]
+            row.update(final_eval_metrics(run.data.metrics))
+            lld = {m.step: m.value for m in client.get_metric_history(p["mlflow_run_id"], "train/lld")}
+            row["lld_curve"] = dict(sorted(lld.items()))
+            finite = [v for v in lld.values() if v == v]
+            row["train/lld_mean"] = sum(finite) / len(finite) if finite else float("nan")
+        rows.append(row)
+    swept = list(dict.fromkeys(k for p in points for k in p["values"]))
+    return parent, pd.DataFrame(rows), spec, swept
+
+
+def build_report(cfg, sweep_id: str) -> dict:
+    """Write the comparison report from MLflow data and log it to the sweep's parent run."""
+    parent, runs, spec, swept = sweep_runs(cfg, sweep_id)
+    group_keys = [k for k in swept if k != "seed" and k in runs.columns]
+    settings = report_settings(spec)
+    out = Path(cfg.run.output_dir) / "sweeps" / sweep_id
+    files = write_report(runs, out, sweep_id=sweep_id, group_keys=group_keys, headline=settings.headline,
+                         heatmap=settings.heatmap, reference=settings.reference)
+    client = tracking.client_for(cfg)
+    for path in files.values():
+        client.log_artifact(parent, str(path), artifact_path="report")
+    return {"dir": str(out), "markdown": files["markdown"].read_text(), "files": files}
