@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from resrl import interrupts
-from resrl.checkpoint import checkpoint_dir, policy_dir, prune_checkpoints
+from resrl.checkpoint import checkpoint_dir, load_step_metrics, policy_dir, prune_checkpoints, save_step_metrics
 from resrl.config import config_hash, from_dict, load_config, run_dir, to_dict, validate
 from resrl.run_state import RunState, run_lock
 from tasks import tracking
@@ -32,6 +32,7 @@ class _Run:
     state: RunState
     run_id: str            # its MLflow run
     logger: Any
+    uncommitted: list[tuple[int, dict]] = field(default_factory=list)  # steps since the last checkpoint
 
 
 @flow(name="resrl-train")
@@ -103,9 +104,13 @@ def _train(run: _Run) -> dict:
     run.logger.info("policy: %s (warm-start %s)", prepared["policy_dir"],
                     {None: "off", True: "reused from cache", False: "trained now"}[prepared["warmstart_reused"]])
     if not state.data_logged and state.step == 0 and not state.evaluated:  # once per run, also across resumes
-        tracking.log_metrics(cfg, run.run_id, prepared["metrics"], 0)
+        if not tracking.logged_steps(cfg, run.run_id, next(iter(prepared["metrics"]))):  # (unless logged, then killed)
+            tracking.log_metrics(cfg, run.run_id, prepared["metrics"], 0)
         state.data_logged = True
         state.save(run.rdir)
+    if state.step > 0:  # the last commit's metrics, if an interruption kept them from MLflow
+        tracking.log_step_metrics(cfg, run.run_id, load_step_metrics(checkpoint_dir(run.rdir, state.step)),
+                                  only_missing=True)
 
     steps = cfg.trainer.steps
     timed: list[dict] = []  # the metrics of every step and evaluation, in order: their time/* add up
@@ -128,12 +133,14 @@ def _train(run: _Run) -> dict:
 
 
 def _rl_step(run: _Run, prepared: dict, step: int) -> dict:
-    """Rollouts, the update, its metrics in MLflow; then the step's checkpoint is committed."""
+    """Rollouts and the update; at a checkpoint, the commit, then the metrics of the steps it
+    commits go to MLflow. So a step is in MLflow once, whatever interrupts the run: one
+    that was not committed is redone, unlogged; one that was is logged on resume if needed."""
     cfg = run.cfg
     roll = generate_rollouts(run.config, prepared, step)
     upd = update_policy(run.config, prepared, roll["path"], step)
     metrics = {**roll["metrics"], **upd["metrics"]}
-    tracking.log_metrics(cfg, run.run_id, metrics, step)
+    run.uncommitted.append((step, metrics))
     errors = int(metrics["train/reward_errors"])  # failed reward calls, scored 0 (see reward.max_error_fraction)
     run.logger.info("step %d/%d | reward %.3f | pass %.3f | len %.1f | loss %.4f | gnorm %.3f | "
                     "w_neg %.3f | lld %.4f | sampler dlogp %.1e | %.1fs rollout %.1fs update%s", step,
@@ -142,20 +149,29 @@ def _rl_step(run: _Run, prepared: dict, step: int) -> dict:
                     metrics.get("train/resrl/weight_mean", float("nan")), metrics["train/lld"],
                     metrics.get("train/sampler_logp_diff_max", float("nan")), metrics["time/rollout_s"],
                     metrics["time/update_s"], f" | reward errors {errors}" if errors else "")
-    if upd["checkpoint"]:  # commit only after the metrics are logged (see update_policy)
+    if upd["checkpoint"]:
+        save_step_metrics(Path(upd["checkpoint"]), run.uncommitted)
         run.state.step = step
-        run.state.save(run.rdir)
+        run.state.save(run.rdir)  # the commit
+        tracking.log_step_metrics(cfg, run.run_id, run.uncommitted)
+        run.uncommitted = []
         prune_checkpoints(run.rdir, cfg.run.keep_checkpoints, committed=step)
     return metrics
 
 
 def _evaluate(run: _Run, prepared: dict, step: int) -> dict:
-    """Held-out evaluation at `step`, logged to MLflow and recorded as done in the run's state."""
+    """Held-out evaluation at `step`, logged to MLflow (files, then metrics) and recorded as done
+    in the run's state. An evaluation whose metrics are in MLflow already (an interruption came
+    before the state was saved) is only recorded, not repeated."""
     cfg = run.cfg
+    if step in tracking.logged_steps(cfg, run.run_id, "eval/pass_at_1"):
+        run.state.evaluated = sorted(set(run.state.evaluated) | {step})
+        run.state.save(run.rdir)
+        return {}
     result = evaluate_policy(run.config, prepared, step, final=step == cfg.trainer.steps)
-    tracking.log_metrics(cfg, run.run_id, result["metrics"], step)
     tracking.log_eval_files(cfg, run.run_id, Path(result["samples_file"]), Path(result["plot_file"]),
                             artifact_dir=f"eval/{Path(result['dir']).name}")
+    tracking.log_metrics(cfg, run.run_id, result["metrics"], step)
     run.state.evaluated = sorted(set(run.state.evaluated) | {step})
     run.state.save(run.rdir)
     m = result["metrics"]

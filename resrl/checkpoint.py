@@ -5,6 +5,7 @@
         optimizer.safetensors    a plain torch optimizer's state (param groups in the metadata)
         deepspeed/               ... or a ZeRO optimizer's partitioned state, in DeepSpeed's format
         trainer_state.json       {"step": 12}
+        step_metrics.json        the metrics of the steps it commits, until they are in MLflow
 
 Everything else (the trainer, the tasks, the flows, the benchmarks) asks this module for
 these paths instead of spelling them.
@@ -21,6 +22,7 @@ POLICY = "policy"
 OPTIMIZER = "optimizer.safetensors"
 DEEPSPEED = "deepspeed"
 TRAINER_STATE = "trainer_state.json"
+STEP_METRICS = "step_metrics.json"
 _PREFIX = "step_"
 
 
@@ -55,6 +57,18 @@ def prune_checkpoints(run_dir: Path, keep: int, committed: int) -> None:
             shutil.rmtree(ckpt, ignore_errors=True)
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def save_step_metrics(ckpt_dir: Path, entries: list[tuple[int, dict]]) -> None:
+    """The metrics of the steps this checkpoint commits (those since the previous one). The
+    flow writes them before the commit and logs them to MLflow after it; a resume logs any
+    that did not get there, so an interruption neither loses nor repeats a step's metrics."""
+    (Path(ckpt_dir) / STEP_METRICS).write_text(json.dumps([[step, m] for step, m in entries]))
+
+
+def load_step_metrics(ckpt_dir: Path) -> list[tuple[int, dict]]:
+    path = Path(ckpt_dir) / STEP_METRICS
+    return [(int(step), m) for step, m in json.loads(path.read_text())] if path.is_file() else []
 
 
 # ----------------------------------------------------------------------------- contents

@@ -63,9 +63,8 @@ def generate_rollouts(config: dict, prepared: dict, step: int) -> dict:
 def update_policy(config: dict, prepared: dict, rollouts: str, step: int) -> dict:
     """One RL update on the saved rollouts, weight sync into vLLM, checkpoint when due.
 
-    The checkpoint is written here but not committed to `state.json`: the flow commits it
-    after the step's metrics reach MLflow, so an interruption in between redoes the step
-    instead of losing its metrics."""
+    The checkpoint is written here but not committed to `state.json`: the flow adds the
+    step's metrics to it, commits it, then logs them (see flows/train.py `_rl_step`)."""
     from resrl.batch import RolloutBatch
 
     cfg = from_dict(config)

@@ -159,6 +159,20 @@ def log_metrics(cfg, run_id: str, metrics: dict[str, float], step: int) -> None:
         client.log_batch(run_id, metrics=batch[i:i + 1000])
 
 
+def logged_steps(cfg, run_id: str, key: str) -> set[int]:
+    """The steps at which `key` is in the MLflow run."""
+    return {m.step for m in client_for(cfg).get_metric_history(run_id, key)}
+
+
+def log_step_metrics(cfg, run_id: str, entries: list[tuple[int, dict]], only_missing: bool = False) -> None:
+    """Each (step, metrics); with only_missing, just the steps whose train/reward_mean is not
+    in MLflow yet (after an interruption between a commit and its logging)."""
+    done = logged_steps(cfg, run_id, "train/reward_mean") if only_missing else set()
+    for step, metrics in entries:
+        if step not in done:
+            log_metrics(cfg, run_id, metrics, step)
+
+
 LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default (and run_url_hint starts it)
 
 
