@@ -296,3 +296,6 @@ def validate(cfg: DictConfig) -> None:
                  "warmstart.steps, batch_size and lr must be positive.")
     _require(cfg.run.checkpoint_every >= 1 and cfg.run.keep_checkpoints >= 1,
              "run.checkpoint_every and run.keep_checkpoints must be >= 1.")
+    from resrl.parallel import check_config
+
+    check_config(cfg)  # trainer.num_processes against the prompt groups, dtype against the device
