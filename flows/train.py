@@ -165,6 +165,7 @@ def _train(cfg, config: dict, rdir: Path, state: RunState, run_id: str, client, 
     due = state.step == 0 or state.step % cfg.eval.every == 0 or state.step == steps
     if due and state.step not in state.evaluated:  # step 0, or an evaluation an interruption skipped
         last_eval = evaluate(state.step)
+    resumed_from = state.step
     for step in range(state.step + 1, steps + 1):
         roll = generate_rollouts(config, prepared, step)
         upd = update_policy(config, prepared, roll["path"], step)
@@ -172,7 +173,10 @@ def _train(cfg, config: dict, rdir: Path, state: RunState, run_id: str, client, 
         timings["rollout"] += metrics["time/rollout_s"]
         timings["engine_start"] += metrics.get("time/engine_start_s", 0.0)
         timings["update"] += metrics["time/update_s"] + metrics["time/weight_sync_s"]
-        tracking.log_metrics(cfg, run_id, metrics, step)
+        if step == resumed_from + 1:  # an earlier attempt may have logged it, then died before the commit
+            tracking.log_metrics(cfg, run_id, tracking.not_yet_logged(cfg, run_id, metrics, step), step)
+        else:
+            tracking.log_metrics(cfg, run_id, metrics, step)
         errors = int(metrics["train/reward_errors"])  # failed reward calls, scored 0 (see reward.max_error_fraction)
         logger.info("step %d/%d | reward %.3f | pass %.3f | len %.1f | loss %.4f | gnorm %.3f | "
                     "w_neg %.3f | lld %.4f | sampler dlogp %.1e | %.1fs rollout %.1fs update%s", step, steps,

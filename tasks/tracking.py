@@ -159,6 +159,13 @@ def log_metrics(cfg, run_id: str, metrics: dict[str, float], step: int) -> None:
         client.log_batch(run_id, metrics=batch[i:i + 1000])
 
 
+def not_yet_logged(cfg, run_id: str, metrics: dict[str, float], step: int) -> dict[str, float]:
+    """The metrics that have no value at `step` yet: a step redone after an interruption between
+    logging its metrics and committing it (a killed rank, kill -9) is then not logged twice."""
+    client = client_for(cfg)
+    return {k: v for k, v in metrics.items() if not any(m.step == step for m in client.get_metric_history(run_id, k))}
+
+
 def run_url_hint(cfg) -> str:
     uri = tracking_uri(cfg)
     if is_local_store(uri):

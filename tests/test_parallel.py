@@ -135,3 +135,76 @@ def test_ranks_sample_disjoint_whole_groups_covering_the_step(smoke_cfg, smoke_p
     for key in ("train/reward_mean", "train/loss", "train/grad_norm", "time/update_s", "time/weight_sync_s"):
         assert key in m and m[key] == m[key], key
     assert (tmp_path / "s" / "checkpoint" / "policy" / "model.safetensors").exists()
+
+
+# ------------------------------------------------------------------ the smoke flow on two ranks
+def _descendants(pid: int) -> list[int]:
+    kids = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            kids.setdefault(int(stat.read_text().split(")")[-1].split()[1]), []).append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            pass
+    out, todo = [], [pid]
+    while todo:
+        for child in kids.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _rank_of(pid: int) -> int | None:
+    try:
+        env = dict(x.split("=", 1) for x in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in x)
+        cmd = Path(f"/proc/{pid}/cmdline").read_text()
+    except OSError:
+        return None
+    return int(env["RANK"]) if "RANK" in env and "resrl.cli" in cmd else None
+
+
+@pytest.mark.slow
+def test_smoke_flow_on_two_ranks_survives_a_killed_rank(workdir, smoke_prepared, prefect_api_url, tmp_path):
+    """`resrl train trainer.num_processes=2`: kill -9 one rank mid-run, run the command again: it
+    continues from the last committed step in the same MLflow run; every metric once per step."""
+    import signal
+    import time
+
+    from conftest import smoke_overrides
+    from test_flow import REQUIRED_STEP_METRICS
+
+    from resrl.config import run_dir
+    from tasks.tracking import client_for
+
+    overrides = [*smoke_overrides(workdir), f"run.output_dir={tmp_path / 'out'}", "trainer.num_processes=2",
+                 "trainer.steps=4", "eval.every=2", "eval.num_prompts=8"]
+    cfg = load_config(ROOT / "conf" / "smoke.yaml", overrides)
+    state_path = run_dir(cfg) / "state.json"
+    cmd = [sys.executable, "-m", "resrl.cli", "train", "--config", "conf/smoke.yaml", *overrides]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PREFECT_API_URL=prefect_api_url)
+    with open(tmp_path / "first.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 600
+        while not (state_path.is_file() and json.loads(state_path.read_text())["step"] >= 1):
+            assert proc.poll() is None and time.time() < deadline, (tmp_path / "first.log").read_text()[-5000:]
+            time.sleep(0.2)
+        victims = [p for p in _descendants(proc.pid) if _rank_of(p) == 1]
+        assert len(victims) == 1
+        os.kill(victims[0], signal.SIGKILL)
+        assert proc.wait(timeout=180) != 0  # torchrun stops the other rank and reports the failure
+    assert not [p for p in _descendants(proc.pid) if _rank_of(p) is not None]
+    committed = json.loads(state_path.read_text())["step"]
+    assert 1 <= committed < 4
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-5000:]
+    assert f"from step {committed}" in again.stdout + again.stderr
+    state = json.loads(state_path.read_text())
+    assert state["finished"] and state["step"] == 4
+    client = client_for(cfg)
+    runs = client.search_runs([client.get_experiment_by_name(cfg.run.experiment).experiment_id])
+    assert [r.info.run_id for r in runs] == [state["mlflow_run_id"]]  # one MLflow run, logged by rank 0
+    run_id = state["mlflow_run_id"]
+    assert client.get_run(run_id).info.status == "FINISHED"
+    for key in REQUIRED_STEP_METRICS:
+        assert [m.step for m in client.get_metric_history(run_id, key)] == list(range(1, 5)), key
+    for step in (0, 2, 4):
+        assert [m.step for m in client.get_metric_history(run_id, "eval/pass_at_1")].count(step) == 1
