@@ -181,6 +181,8 @@ def test_smoke_flow_on_two_ranks_survives_a_killed_rank(workdir, smoke_prepared,
     state_path = run_dir(cfg) / "state.json"
     cmd = [sys.executable, "-m", "resrl.cli", "train", "--config", "conf/smoke.yaml", *overrides]
     env = dict(os.environ, OMP_NUM_THREADS="1", PREFECT_API_URL=prefect_api_url)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):  # set by in-process trainers
+        env.pop(key, None)
     with open(tmp_path / "first.log", "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + 600
