@@ -81,22 +81,29 @@ def save_policy(out_dir: Path, module, weights: dict[str, torch.Tensor], tokeniz
     return out_dir
 
 
-def save(ckpt_dir: Path, step: int, engine, weights: dict[str, torch.Tensor], tokenizer) -> None:
-    """Policy + optimizer state + step, from a DeepSpeed engine."""
+def save(ckpt_dir: Path, step: int, engine, weights: dict[str, torch.Tensor], tokenizer, *,
+         leader: bool = True) -> None:
+    """Policy + optimizer state + step, from a DeepSpeed engine. With data-parallel ranks every
+    rank calls this: ZeRO's partitioned optimizer state is written by each rank, what is
+    replicated (the policy, a plain optimizer's state, the step) only by the leader, rank 0."""
     ckpt_dir = Path(ckpt_dir)
-    save_policy(policy_dir(ckpt_dir), engine.module, weights, tokenizer)
+    if leader:
+        save_policy(policy_dir(ckpt_dir), engine.module, weights, tokenizer)
     opt = engine.optimizer
     if isinstance(opt, torch.optim.Optimizer):
-        from safetensors.torch import save_file
+        if leader:
+            from safetensors.torch import save_file
 
-        state = opt.state_dict()
-        tensors = {f"{i}.{k}": v.detach().cpu().contiguous() if torch.is_tensor(v) else torch.tensor(v)
-                   for i, s in state["state"].items() for k, v in s.items()}
-        save_file(tensors, str(ckpt_dir / OPTIMIZER), metadata={"param_groups": json.dumps(state["param_groups"])})
+            state = opt.state_dict()
+            tensors = {f"{i}.{k}": v.detach().cpu().contiguous() if torch.is_tensor(v) else torch.tensor(v)
+                       for i, s in state["state"].items() for k, v in s.items()}
+            save_file(tensors, str(ckpt_dir / OPTIMIZER),
+                      metadata={"param_groups": json.dumps(state["param_groups"])})
     else:
         # ZeRO optimizers keep partitioned state: DeepSpeed's own format, written by this run.
         engine.save_checkpoint(str(ckpt_dir / DEEPSPEED), tag="latest", save_latest=False)
-    (ckpt_dir / TRAINER_STATE).write_text(json.dumps({"step": step}))
+    if leader:
+        (ckpt_dir / TRAINER_STATE).write_text(json.dumps({"step": step}))
 
 
 def load(ckpt_dir: Path, engine) -> int:

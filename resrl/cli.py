@@ -122,9 +122,32 @@ def _own_temporary_prefect_server() -> None:
 
 
 def _train(args) -> int:
-    from resrl.config import load_config, run_dir, to_dict
+    from resrl import parallel
+    from resrl.config import load_config
 
     cfg = load_config(args.config, args.overrides)
+    if cfg.trainer.num_processes > 1 and "RANK" not in os.environ:
+        # Start the ranks on this machine: torchrun runs this same command in each of them.
+        import subprocess
+
+        cmd = parallel.launcher_command(cfg, args.argv)
+        print(f"resrl: starting {cfg.trainer.num_processes} data-parallel ranks with torchrun", flush=True)
+        return subprocess.call(cmd)
+    parallel.check_launch(cfg)
+    if cfg.trainer.num_processes > 1:
+        from resrl.devices import resolve_device
+
+        parallel.start(resolve_device(cfg.trainer.device))
+        if parallel.is_follower():
+            return parallel.follow()  # rank 0 runs the flow, MLflow and the commits; this rank follows it
+    try:
+        return _train_rank0(args, cfg)
+    finally:
+        parallel.finish()
+
+
+def _train_rank0(args, cfg) -> int:
+    from resrl.config import run_dir, to_dict
     from flows.train import train_flow
     from tasks.tracking import open_store, run_url_hint, tracking_uri
 
@@ -221,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     set_process_defaults()  # before anything heavy is imported
     args = _parse(argv)
     from resrl import interrupts
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the command again, for each data-parallel rank
     from resrl.errors import UserError
 
     interrupts.install()  # a Ctrl-C swallowed by a destructor is raised again between steps

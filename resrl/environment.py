@@ -40,7 +40,7 @@ def set_engine_defaults() -> None:
     _set_defaults(ENGINE_DEFAULTS)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -51,4 +51,4 @@ def set_single_process_world(device: str) -> None:
     if device == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     _set_defaults({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"})
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))  # looked for only when none is set
+    os.environ.setdefault("MASTER_PORT", str(free_port()))  # looked for only when none is set

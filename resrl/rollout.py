@@ -54,7 +54,8 @@ def quiet_vllm() -> None:
 
 
 class RolloutEngine:
-    def __init__(self, model_path: str, rollout_cfg, *, dtype: str, max_model_len: int, seed: int):
+    def __init__(self, model_path: str, rollout_cfg, *, dtype: str, max_model_len: int, seed: int,
+                 executor: str | None = None):
         set_engine_defaults()
         quiet_vllm()
         from vllm import LLM
@@ -65,6 +66,8 @@ class RolloutEngine:
                       # log-probs of the distribution actually sampled (after temperature/top-k/top-p),
                       # the one the trainer's old log-probs must agree with
                       logprobs_mode="processed_logprobs")
+        if executor is not None:  # "external_launcher": one engine per data-parallel rank, in the ranks' world
+            kwargs["distributed_executor_backend"] = executor
         if on_cuda():
             kwargs["gpu_memory_utilization"] = float(rollout_cfg.gpu_memory_utilization)
         else:
@@ -84,8 +87,12 @@ class RolloutEngine:
         from resrl.devices import resolve_device, resolve_dtype
 
         dtype = str(resolve_dtype(cfg.model.dtype, resolve_device(cfg.trainer.device))).replace("torch.", "")
+        from resrl.parallel import world
+
         max_new = max(cfg.rollout.max_tokens, cfg.eval.max_tokens)
-        return cls(policy_dir, cfg.rollout, dtype=dtype, max_model_len=longest_prompt + max_new, seed=cfg.seed)
+        executor = "external_launcher" if world()[1] > 1 else None
+        return cls(policy_dir, cfg.rollout, dtype=dtype, max_model_len=longest_prompt + max_new, seed=cfg.seed,
+                   executor=executor)
 
     def generate(self, prompt_token_ids: list[list[int]], *, n: int, temperature: float, top_p: float,
                  top_k: int, max_tokens: int, seed: int, logprobs: bool = False):

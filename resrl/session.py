@@ -14,12 +14,12 @@ import torch
 
 from resrl import seeds
 from resrl.batch import RolloutBatch
+from resrl.parallel import group_share, lead, make_trainer, world
 from resrl.data import load_prepared
 from resrl.evaluation import evaluate, score_samples
 from resrl.metrics import rollout_metrics
 from resrl.rewards import is_correct, load_reward_function, math_equiv
 from resrl.rollout import RolloutEngine
-from resrl.trainer import PolicyTrainer
 
 
 _SESSIONS: dict[str, "TrainingSession"] = {}
@@ -31,6 +31,10 @@ def get_session(key: str) -> "TrainingSession | None":
 
 def open_session(key: str, cfg, prepared: dict, policy_dir: str, checkpoint_dir: str | None) -> "TrainingSession":
     if key not in _SESSIONS:
+        from resrl.config import to_dict
+
+        # data-parallel ranks: the followers open the same session (rank 0 leads every call below)
+        lead("open", config=to_dict(cfg), prepared=prepared, policy_dir=policy_dir, checkpoint_dir=checkpoint_dir)
         _SESSIONS[key] = TrainingSession(cfg, prepared, policy_dir, checkpoint_dir)
     return _SESSIONS[key]
 
@@ -61,8 +65,14 @@ class TrainingSession:
         self.reward_fn = load_reward_function(cfg.reward.function)
         math_equiv.set_timeout(cfg.reward.timeout_s)
         longest_prompt = max(max(len(p) for p in s["prompt_token_ids"]) for s in (self.train_set, self.test_set))
+        self.rank, self.world_size = world()
+        if self.world_size > 1:  # the ranks' process group first: vLLM's external launcher joins it
+            from resrl.devices import resolve_device
+            from resrl.deepspeed_setup import init_distributed
+
+            init_distributed(resolve_device(cfg.trainer.device))
         self.engine = RolloutEngine.for_run(policy_dir, cfg, longest_prompt)
-        self.trainer = PolicyTrainer(policy_dir, cfg, rollout_batch_size=cfg.rollout.prompts_per_step * cfg.rollout.n)
+        self.trainer = make_trainer(policy_dir, cfg, rollout_batch_size=cfg.rollout.prompts_per_step * cfg.rollout.n)
         self.start_step = self.trainer.load_checkpoint(Path(checkpoint_dir)) if checkpoint_dir else 0
         self.eos_id = self.trainer.tokenizer.eos_token_id
         gen_eos = getattr(self.trainer.engine.module.generation_config, "eos_token_id", None)
@@ -81,15 +91,31 @@ class TrainingSession:
         return out
 
     # ------------------------------------------------------------------ steps
-    def rollout(self, step: int) -> tuple[RolloutBatch, dict[str, float]]:
+    def rollout(self, step: int) -> tuple[RolloutBatch | None, dict[str, float]]:
+        """The step's rollouts, scored. With several ranks each samples its share of the prompt
+        groups; rank 0 gathers them and returns the whole batch, the others return (None, {})."""
+        lead("rollout", step=step)
         cfg, r = self.cfg, self.cfg.rollout
         t0 = time.time()
         idx = self.prompt_indices(step)
-        rows = [self.train_set[i] for i in idx]
+        share = group_share(len(idx), self.rank, self.world_size)
+        rows = [self.train_set[idx[g]] for g in share]
+        # prompt g of the step samples with seed + g on whichever rank holds it
         outputs = self.engine.generate([row["prompt_token_ids"] for row in rows], n=r.n, temperature=r.temperature,
                                        top_p=r.top_p, top_k=r.top_k, max_tokens=r.max_tokens,
-                                       seed=seeds.rollout(cfg.seed, step), logprobs=True)
+                                       seed=seeds.rollout(cfg.seed, step) + share.start, logprobs=True)
         scores, errors = score_samples(self.reward_fn, rows, outputs, cfg.reward.max_error_fraction)
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            parts = [None] * self.world_size if self.rank == 0 else None
+            dist.gather_object((outputs, scores, errors), parts, dst=0)
+            if self.rank != 0:
+                return None, {}
+            rows = [self.train_set[i] for i in idx]
+            outputs = [o for p in parts for o in p[0]]
+            scores = [x for p in parts for x in p[1]]
+            errors = sum(p[2] for p in parts)
         prompt_ids, response_ids, texts, group_ids, sampler_logp = [], [], [], [], []
         for g, (row, samples) in enumerate(zip(rows, outputs)):
             for ids, text, logp in samples:
@@ -113,6 +139,7 @@ class TrainingSession:
         return batch, metrics
 
     def update(self, step: int, batch: RolloutBatch) -> dict[str, float]:
+        lead("update", step=step, batch=batch)  # every rank trains on the whole batch
         t0 = time.time()
         metrics = {f"train/{k}": v for k, v in self.trainer.train_step(batch, step).items()}
         t1 = time.time()
@@ -127,8 +154,10 @@ class TrainingSession:
                         max_error_fraction=self.cfg.reward.max_error_fraction)
 
     def save_checkpoint(self, ckpt_dir: Path, step: int) -> None:
+        lead("save_checkpoint", ckpt_dir=ckpt_dir, step=step)
         self.trainer.save_checkpoint(ckpt_dir, step)
 
     def close(self) -> None:
+        lead("close")  # closing vLLM ends the ranks' process group: the followers exit after this
         del self.trainer  # the DeepSpeed engine, its optimizer state and the reference model ...
         self.engine.close()  # ... are collected with the engine's memory here

@@ -232,22 +232,11 @@ class PolicyTrainer:
     def _optimizer_step(self, batch, rows, coef, scored, adv) -> tuple[float, float, Counter]:
         """Accumulate gradients over the micro-batches of `rows`, then one optimizer step.
         Returns the summed loss, the gradient norm and the micro-batches' token sums."""
-        cfg = self.cfg
-        micro = micro_batches(rows, cfg.trainer.micro_batch_size)
+        micro = micro_batches(rows, self.cfg.trainer.micro_batch_size)
         total, norm, sums = 0.0, float("nan"), Counter()
         for k, mrows in enumerate(micro):
             last = k == len(micro) - 1
-            logp, entropy, mask, _ = self._forward(self.engine, batch, mrows)
-            w = logp.shape[1]
-
-            def take(x, rows=mrows, width=w):  # this micro-batch's rows, trimmed to its response width
-                return x[rows, :width].to(self.device)
-            loss, part = policy_loss(
-                logp, take(scored.logp), take(adv), take(coef), mask,
-                clip_low=cfg.loss.clip_low, clip_high=cfg.loss.clip_high, dual_clip=cfg.loss.dual_clip,
-                entropy=entropy, entropy_coef=cfg.loss.entropy_coef,
-                ref_logp=take(scored.ref_logp) if scored.ref_logp is not None else None,
-                kl_coef=cfg.loss.kl_coef, kl_type=cfg.loss.kl_type)
+            loss, part = self._micro_loss(batch, mrows, coef, scored, adv)
             sums.update({key: float(value) for key, value in part.items()})
             self.engine.set_gradient_accumulation_boundary(last)
             self.engine.backward(loss, scale_wrt_gas=False)  # coefficients already normalize the mini-batch
@@ -255,10 +244,22 @@ class PolicyTrainer:
                 norm = self._grad_norm_before_step()
             self.engine.step()
             total += float(loss.detach())
-        if math.isnan(norm):
-            got = self.engine.get_global_grad_norm()
-            norm = float(got) if got is not None else float("nan")
-        return total, norm, sums
+        return total, self._grad_norm_after(norm), sums
+
+    def _micro_loss(self, batch, mrows, coef, scored, adv):
+        """The policy loss of one micro-batch (rows `mrows`) and its token sums."""
+        cfg = self.cfg
+        logp, entropy, mask, _ = self._forward(self.engine, batch, mrows)
+        w = logp.shape[1]
+
+        def take(x):  # this micro-batch's rows, trimmed to its response width
+            return x[mrows, :w].to(self.device)
+        return policy_loss(
+            logp, take(scored.logp), take(adv), take(coef), mask,
+            clip_low=cfg.loss.clip_low, clip_high=cfg.loss.clip_high, dual_clip=cfg.loss.dual_clip,
+            entropy=entropy, entropy_coef=cfg.loss.entropy_coef,
+            ref_logp=take(scored.ref_logp) if scored.ref_logp is not None else None,
+            kl_coef=cfg.loss.kl_coef, kl_type=cfg.loss.kl_type)
 
     @torch.no_grad()
     def likelihood_displacement(self, batch: RolloutBatch, old_logp: torch.Tensor) -> float:
@@ -296,6 +297,13 @@ class PolicyTrainer:
         mask = packed["response_mask"].to(self.device)
         hidden = box["h"][:, P - 1:P + T - 1] if hidden_layer is not None else None
         return logp * mask, entropy * mask, mask, hidden
+
+    def _grad_norm_after(self, norm: float) -> float:
+        """`norm` from before the step, or (ZeRO, mixed precision) the engine's own figure."""
+        if math.isnan(norm):
+            got = self.engine.get_global_grad_norm()
+            norm = float(got) if got is not None else float("nan")
+        return norm
 
     def _grad_norm_before_step(self) -> float:
         """Gradient norm before clipping. Only a plain fp32 optimizer keeps grads on the
