@@ -19,13 +19,17 @@ _requested = False
 def _handler(signum, frame) -> None:
     global _requested
     _requested = True
-    raise KeyboardInterrupt
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def install() -> None:
-    """Use the recording handler for SIGINT (a no-op outside the main thread, where signals cannot be set)."""
+    """Use the recording handler for SIGINT, and for SIGTERM too: `kill PID`, or torchrun
+    stopping the other ranks when one fails, then ends the run as Ctrl-C does (the MLflow run
+    marked KILLED, naming the signal, and resumable) instead of leaving it RUNNING.
+    A no-op outside the main thread, where signals cannot be set."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, _handler)
+        signal.signal(signal.SIGTERM, _handler)
 
 
 def requested() -> bool:
@@ -35,7 +39,7 @@ def requested() -> bool:
 def check() -> None:
     """Raise KeyboardInterrupt if Ctrl-C was pressed, even if its first raise was swallowed."""
     if _requested:
-        raise KeyboardInterrupt
+        raise KeyboardInterrupt("raised again")
 
 
 def reset() -> None:

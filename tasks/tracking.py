@@ -244,12 +244,25 @@ def finish_run(cfg, run_id: str, status: str = "FINISHED") -> None:
     client_for(cfg).set_terminated(run_id, status=status)
 
 
+def signal_name(number: int) -> str:
+    import signal
+
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return str(number)
+
+
 def fail_run(cfg, run_id: str, exc: BaseException) -> str:
-    """Mark the run KILLED (Ctrl-C: stopped by the user, not broken) or FAILED, with the error in
-    the `resrl.error` tag; returns the status."""
-    status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+    """Mark the run KILLED (stopped from outside, not broken: Ctrl-C, or SIGTERM, which Prefect
+    raises in a running task as TerminationSignal) or FAILED, with the error in the `resrl.error`
+    tag; returns the status."""
+    from prefect.exceptions import TerminationSignal
+
+    status = "KILLED" if isinstance(exc, (KeyboardInterrupt, TerminationSignal)) else "FAILED"
+    detail = signal_name(exc.signal) if isinstance(exc, TerminationSignal) else exc
     client = client_for(cfg)
-    client.set_tag(run_id, "resrl.error", f"{type(exc).__name__}: {exc}"[:4000])
+    client.set_tag(run_id, "resrl.error", f"{type(exc).__name__}: {detail}"[:4000])
     client.set_terminated(run_id, status=status)
     return status
 

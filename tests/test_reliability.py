@@ -236,12 +236,16 @@ def _start_train(tmp_path: Path, workdir: Path) -> tuple[subprocess.Popen, Path]
     return proc, state
 
 
-def test_ctrl_c_exits_in_seconds_with_one_line_and_leaves_the_run_resumable(workdir, tmp_path):
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_exits_in_seconds_with_one_line_and_leaves_the_run_resumable(how, workdir, tmp_path):
     proc, state = _start_train(tmp_path, workdir)
     servers = _children(proc.pid)
     time.sleep(3)
     t0 = time.time()
-    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+    if how == "ctrl-c":
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+    else:
+        os.kill(proc.pid, signal.SIGTERM)  # `kill PID`, or torchrun stopping the ranks when one fails
     _, err = proc.communicate(timeout=120)
     took = time.time() - t0
     # 130, or -SIGINT: CPython ends by re-raising SIGINT on itself when the interrupt passed through
@@ -250,7 +254,10 @@ def test_ctrl_c_exits_in_seconds_with_one_line_and_leaves_the_run_resumable(work
     assert took < 30, f"took {took:.0f}s"
     assert any(line.startswith("resrl: interrupted;") and "run the same command again to resume" in line
                for line in err.splitlines()), err[-3000:]
-    assert json.loads(state.read_text())["mlflow_run_id"]  # the run folder is kept
+    run_id = json.loads(state.read_text())["mlflow_run_id"]  # the run folder is kept
+    run = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run_id)
+    assert run.info.status == "KILLED"  # stopped, not broken, and not left RUNNING
+    assert ("SIGTERM" in run.data.tags["resrl.error"]) == (how == "sigterm")
     assert servers and not any(_alive(pid) for pid in servers)  # the temporary Prefect server went with it
 
 
@@ -275,7 +282,7 @@ def test_a_ctrl_c_that_a_destructor_swallows_is_raised_again_at_the_next_check(m
 
     swallowed: list = []
     monkeypatch.setattr(sys, "unraisablehook", swallowed.append)
-    old = signal.getsignal(signal.SIGINT)
+    old, old_term = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     interrupts.install()
     try:
         class PressesCtrlC:
@@ -287,8 +294,13 @@ def test_a_ctrl_c_that_a_destructor_swallows_is_raised_again_at_the_next_check(m
         assert [u.exc_type for u in swallowed] == [KeyboardInterrupt]
         with pytest.raises(KeyboardInterrupt):  # ...but the next check raises it
             interrupts.check()
+        interrupts.reset()
+        with pytest.raises(KeyboardInterrupt, match="SIGTERM"):  # `kill PID`, or torchrun stopping a rank
+            signal.raise_signal(signal.SIGTERM)
+        assert interrupts.requested()
     finally:
         signal.signal(signal.SIGINT, old)
+        signal.signal(signal.SIGTERM, old_term)
         interrupts.reset()
     interrupts.check()  # nothing pending after a reset
 
