@@ -99,13 +99,15 @@ def launcher_command(cfg, argv: list[str]) -> list[str]:
 
 # ---------------------------------------------------------------------- process group & commands
 _CHANNEL = None
-PEER_TIMEOUT_S = float(os.environ.get("RESRL_PEER_TIMEOUT_S", "120"))
 
 
 def start(device: str):
     """Join the ranks' world (all ranks, before anything else) and open rank 0's command channel.
 
-    Peers that do not come within RESRL_PEER_TIMEOUT_S (default 120 s) fail with one line."""
+    Peers that never come are waited for by torchrun's rendezvous, then by torch.distributed's
+    own timeout (30 min by default); when that fails, the error is one line naming
+    MASTER_ADDR:MASTER_PORT. (No shorter limit of our own: the default group's timeout also
+    bounds the step's collectives, which may legitimately wait long on a slow rank.)"""
     global _CHANNEL
     import torch.distributed as dist
 
