@@ -303,6 +303,8 @@ def validate(cfg: DictConfig) -> None:
         _check(w.lr > 0, "warmstart.lr", "> 0", w.lr)
     _check(cfg.run.checkpoint_every >= 1, "run.checkpoint_every", ">= 1", cfg.run.checkpoint_every)
     _check(cfg.run.keep_checkpoints >= 1, "run.keep_checkpoints", ">= 1", cfg.run.keep_checkpoints)
+    from resrl.devices import check_dtype, resolve_device
     from resrl.parallel import check_config
 
-    check_config(cfg)  # trainer.num_processes against the prompt groups, dtype against the device
+    check_dtype(cfg.model.dtype, resolve_device(cfg.trainer.device))  # also: trainer.device=cuda without CUDA
+    check_config(cfg)  # trainer.num_processes against the prompt groups

@@ -15,6 +15,13 @@ def resolve_device(name: str) -> str:
     return name
 
 
+def check_dtype(name: str, device: str) -> None:
+    """A dtype the device can train in."""
+    if name == "float16" and device == "cpu":
+        raise ConfigError("model.dtype=float16 cannot train on the CPU (DeepSpeed's CPU accelerator has no "
+                          "fp16 loss scaling); use float32 or bfloat16.")
+
+
 def resolve_dtype(name: str, device: str) -> torch.dtype:
     """`model.dtype`: auto -> bfloat16 on CUDA, float32 on the CPU."""
     if name == "auto":

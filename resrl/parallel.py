@@ -53,7 +53,7 @@ def group_share(num_groups: int, rank: int, size: int) -> range:
 
 
 def check_config(cfg) -> None:
-    """The data-parallel part of config validation (no model is loaded)."""
+    """The data-parallel part of config validation: ranks against prompt groups (no model is loaded)."""
     from resrl.errors import ConfigError
 
     t, r = cfg.trainer, cfg.rollout
@@ -64,10 +64,6 @@ def check_config(cfg) -> None:
         raise ConfigError(f"trainer.num_processes ({n}) is more than rollout.prompts_per_step "
                           f"({r.prompts_per_step}): each rank samples whole prompt groups, so a step has "
                           f"work for at most {r.prompts_per_step} ranks.")
-    device = t.device if t.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if cfg.model.dtype == "float16" and device == "cpu":
-        raise ConfigError("model.dtype=float16 cannot train on the CPU (DeepSpeed's CPU accelerator has no "
-                          "fp16 loss scaling); use float32 or bfloat16.")
 
 
 def check_launch(cfg) -> None:

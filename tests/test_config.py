@@ -139,3 +139,13 @@ def test_default_yaml_lists_only_accepted_choices():
     assert listed("loss", "agg") <= set(LOSS_AGGREGATIONS)
     for source in listed("data", "source"):
         load_config(None, [f"data.source={source}", "data.path=x"] if source != "synthetic" else [])
+
+
+def test_cuda_without_a_cuda_device_is_refused_at_load(monkeypatch):
+    """Before data preparation (it used to surface only when the trainer started)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="trainer.device=cuda but no CUDA device is visible"):
+        load_config(None, ["trainer.device=cuda"])
+    assert load_config(None, ["trainer.device=auto"]).trainer.device == "auto"
