@@ -236,6 +236,7 @@ def _start_train(tmp_path: Path, workdir: Path) -> tuple[subprocess.Popen, Path]
     return proc, state
 
 
+@pytest.mark.slow  # a real `resrl train` process with its Prefect server: 15-20 s each
 @pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
 def test_ctrl_c_or_sigterm_exits_in_seconds_with_one_line_and_leaves_the_run_resumable(how, workdir, tmp_path):
     proc, state = _start_train(tmp_path, workdir)
