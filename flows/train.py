@@ -82,7 +82,8 @@ def _run(cfg, config: dict, rdir: Path, t_flow: float) -> dict:
         state.finished = True
         state.save(rdir)
     except BaseException as exc:
-        status = tracking.fail_run(cfg, run_id, exc)
+        with interrupts.deferred():  # a second signal must not leave the run RUNNING
+            status = tracking.fail_run(cfg, run_id, exc)
         # said here, where it happens (not by the caller, which cannot tell whether the run got this far)
         logger.error("MLflow run %s is marked %s (tag resrl.error); running the same config again continues "
                      "in that run. See: %s", run_id, status, tracking.run_url_hint(cfg))

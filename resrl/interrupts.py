@@ -10,6 +10,7 @@ it again.
 """
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 
@@ -30,6 +31,27 @@ def install() -> None:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, _handler)
         signal.signal(signal.SIGTERM, _handler)
+
+
+def _record(signum, frame) -> None:
+    global _requested
+    _requested = True
+
+
+@contextlib.contextmanager
+def deferred():
+    """Signals during the block are recorded, not raised: for the few calls that mark a stopping
+    run in MLflow, which a second signal (torchrun's SIGTERM after a rank failed, a second
+    Ctrl-C) would otherwise cut off, leaving the run RUNNING."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {sig: signal.signal(sig, _record) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 def requested() -> bool:

@@ -141,9 +141,17 @@ class _Channel:
     def send(self, command: str, **kwargs) -> None:
         import torch.distributed as dist
 
-        if self.open and dist.is_initialized():
-            dist.broadcast_object_list([(command, kwargs)], src=0, group=self.group)
-        if command in ("close", "exit"):
+        ending = command in ("close", "exit")
+        try:
+            if self.open and dist.is_initialized():
+                dist.broadcast_object_list([(command, kwargs)], src=0, group=self.group)
+        except Exception as exc:  # a follower is gone: a Ctrl-C reached it too, or it failed
+            self.open = False
+            if ending:  # nothing left to release
+                return
+            raise LaunchError(f"a data-parallel rank stopped before '{command}' (see its output above): "
+                              f"{' '.join(str(exc).split())[:200]}; run the same command again to resume") from None
+        if ending:
             self.open = False  # closing vLLM destroys the process group on every rank
 
     def recv(self) -> tuple[str, dict]:

@@ -299,6 +299,13 @@ def test_a_ctrl_c_that_a_destructor_swallows_is_raised_again_at_the_next_check(m
         with pytest.raises(KeyboardInterrupt, match="SIGTERM"):  # `kill PID`, or torchrun stopping a rank
             signal.raise_signal(signal.SIGTERM)
         assert interrupts.requested()
+        interrupts.reset()
+        with interrupts.deferred():  # while a stopping run is marked in MLflow: recorded, not raised
+            signal.raise_signal(signal.SIGTERM)
+            signal.raise_signal(signal.SIGINT)
+        assert interrupts.requested()
+        with pytest.raises(KeyboardInterrupt):  # the raising handler is back after the block
+            signal.raise_signal(signal.SIGINT)
     finally:
         signal.signal(signal.SIGINT, old)
         signal.signal(signal.SIGTERM, old_term)
