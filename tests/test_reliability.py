@@ -15,7 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from conftest import ROOT, run_cli, smoke_overrides
+from conftest import ROOT, run_cli
 from resrl.cli import main
 
 SMOKE = str(ROOT / "conf" / "smoke.yaml")

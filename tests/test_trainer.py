@@ -123,17 +123,19 @@ def test_update_is_identical_for_any_micro_batch_size(micro_model):
             torch.testing.assert_close(other[k], after[0][k], atol=2e-6, rtol=1e-5)
 
 
-def test_checkpoint_round_trip_resumes_exactly(micro_model, tmp_path):
+@pytest.mark.parametrize("zero", [0, 2])  # 2: DeepSpeed's own partitioned format (what bf16 on CUDA always uses)
+def test_checkpoint_round_trip_resumes_exactly(zero, micro_model, tmp_path):
     b1, b2 = make_batch(seed=4), make_batch(seed=5)
-    straight = trainer_for(micro_model)
+    straight = trainer_for(micro_model, f"trainer.zero_stage={zero}")
     straight.train_step(b1, 1)
     straight.train_step(b2, 2)
 
-    first = trainer_for(micro_model)
+    first = trainer_for(micro_model, f"trainer.zero_stage={zero}")
     first.train_step(b1, 1)
     first.save_checkpoint(tmp_path / "ck", 1)
     assert (policy_dir(tmp_path / "ck") / "model.safetensors").is_file()
-    resumed = trainer_for(policy_dir(tmp_path / "ck"))
+    assert (tmp_path / "ck" / ("deepspeed" if zero else "optimizer.safetensors")).exists()
+    resumed = trainer_for(policy_dir(tmp_path / "ck"), f"trainer.zero_stage={zero}")
     assert resumed.load_checkpoint(tmp_path / "ck") == 1
     assert resumed.scheduler.get_last_lr() == first.scheduler.get_last_lr()
     resumed.train_step(b2, 2)
