@@ -66,6 +66,17 @@ def check_room_for_prompts(cfg, dataset_dir: Path) -> None:
                         f"{positions - max_new} or lower the max_tokens")
 
 
+def check_reward_sources(cfg, dataset_dir: Path) -> None:
+    """With the default reward.function, every row's data_source needs a registered reward:
+    said now, before the warm-start and the engines, not at the first rollout's scoring."""
+    if cfg.reward.function is not None:
+        return
+    from resrl.rewards import check_sources
+
+    data = load_prepared(dataset_dir)
+    check_sources(source for split in data.keys() for source in data[split]["data_source"])
+
+
 def prepare(cfg, progress: bool = True) -> dict:
     """Build or reuse dataset and starting policy; returns plain paths and a summary."""
     from resrl.warmstart import warm_start
@@ -75,6 +86,7 @@ def prepare(cfg, progress: bool = True) -> dict:
     base, dataset_dir = got["base_dir"], got["dataset_dir"]
     summary = load_summary(dataset_dir)
     check_room_for_prompts(cfg, dataset_dir)
+    check_reward_sources(cfg, dataset_dir)
     metrics = dict(summary.as_metrics())
     policy = base
     warm_reused = None

@@ -6,7 +6,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from resrl.config import load_config
+from resrl.config import ConfigError, load_config
 from resrl.data import DataError, PrepSummary, adapt_split, adapted_splits, export_verl, load_prepared, \
     prepare_dataset
 from resrl.rewards import compute_score
@@ -143,6 +143,25 @@ def test_verl_parquet_round_trip(tmp_path, tokenizer):
         for x, y in zip(a[split], b[split]):
             assert (x["question"], x["answer"], x["data_source"], x["prompt_id"], x["prompt"]) == \
                    (y["question"], y["answer"], y["data_source"], y["prompt_id"], y["prompt"])
+
+
+def test_an_unregistered_data_source_is_refused_after_preparation(tmp_path, tokenizer):
+    """Before the warm-start and the engines (it used to fail at the first rollout's scoring)."""
+    from resrl.prepare import check_reward_sources
+
+    cfg = cfg_for("data.source=gsm8k", f"data.path={GSM}", "data.max_prompt_tokens=2048")
+    prepare_dataset(cfg, tokenizer, tmp_path / "ours")
+    paths = export_verl(tmp_path / "ours", tmp_path / "verl")
+    frame = pd.read_parquet(paths["test"])
+    frame.loc[0, "data_source"] = "my_lab/puzzles"
+    frame.to_parquet(paths["test"])
+    cfg2 = cfg_for("data.source=verl", f"data.path={tmp_path / 'verl'}", "data.max_prompt_tokens=2048")
+    prepare_dataset(cfg2, tokenizer, tmp_path / "back")
+    with pytest.raises(ConfigError, match="no reward function registered for data_source 'my_lab/puzzles'"):
+        check_reward_sources(cfg2, tmp_path / "back")
+    own = cfg_for("data.source=verl", f"data.path={tmp_path / 'verl'}", "reward.function=resrl.rewards:compute_score")
+    check_reward_sources(own, tmp_path / "back")  # a reward.function of one's own decides for itself
+    check_reward_sources(cfg, tmp_path / "ours")
 
 
 def test_verl_rows_with_chat_template(tmp_path, tokenizer):

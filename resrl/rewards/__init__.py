@@ -35,13 +35,24 @@ def register_reward(*data_sources: str):
     return wrap
 
 
+def _unknown_source(data_source: str) -> ConfigError:
+    return ConfigError(f"no reward function registered for data_source {data_source!r}; known: "
+                       f"{', '.join(sorted(REWARDS))}. Set reward.function to 'module:function'.")
+
+
+def check_sources(data_sources) -> None:
+    """ConfigError unless every data_source has a registered reward (for the default reward.function)."""
+    for source in sorted(set(data_sources)):
+        if source not in REWARDS:
+            raise _unknown_source(source)
+
+
 def compute_score(data_source: str, solution_str: str, ground_truth: str, extra_info: Optional[dict] = None) -> float:
     """Score one response by the verifier registered for `data_source`."""
     try:
         fn = REWARDS[data_source]
     except KeyError:
-        raise ConfigError(f"no reward function registered for data_source {data_source!r}; known: "
-                          f"{', '.join(sorted(REWARDS))}. Set reward.function to 'module:function'.") from None
+        raise _unknown_source(data_source) from None
     return float(fn(solution_str, ground_truth, extra_info))
 
 
