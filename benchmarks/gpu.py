@@ -48,7 +48,7 @@ def build_model(size: str, out: Path, max_positions: int) -> Path:
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
-    from resrl.embedded import build_tokenizer
+    from resrl.embedded import build_tokenizer, save_model_folder
 
     folder = out / f"qwen2-{size}-random"
     if (folder / "model.safetensors").exists() or (folder / "model.safetensors.index.json").exists():
@@ -60,14 +60,7 @@ def build_model(size: str, out: Path, max_positions: int) -> Path:
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(config).to(torch.bfloat16)
     model.generation_config = GenerationConfig(bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder, safe_serialization=True)
-    tok.save_pretrained(folder)
-    cfg_path = folder / "tokenizer_config.json"
-    tok_cfg = json.loads(cfg_path.read_text())
-    tok_cfg["tokenizer_class"] = "Qwen2Tokenizer"
-    cfg_path.write_text(json.dumps(tok_cfg, indent=2))
-    return folder
+    return save_model_folder(folder, model, tok)
 
 
 # ---------------------------------------------------------------------- one rank

@@ -65,10 +65,8 @@ def build_tiny_model(tiny_cfg, vocab_size: int, eos_id: int, seed: int):
     return model
 
 
-def save_embedded_base(out_dir: Path, tiny_cfg, seed: int) -> Path:
-    """Write tokenizer + randomly initialised tiny Qwen2 to `out_dir` (HF format)."""
-    tokenizer = build_tokenizer()
-    model = build_tiny_model(tiny_cfg, len(tokenizer), tokenizer.eos_token_id, seed)
+def save_model_folder(out_dir: Path, model, tokenizer) -> Path:
+    """A model with the project's tokenizer as an HF folder (safetensors) that transformers and vLLM load."""
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
@@ -78,3 +76,10 @@ def save_embedded_base(out_dir: Path, tiny_cfg, seed: int) -> Path:
     tok_cfg["tokenizer_class"] = "Qwen2Tokenizer"
     cfg_path.write_text(json.dumps(tok_cfg, indent=2))
     return out_dir
+
+
+def save_embedded_base(out_dir: Path, tiny_cfg, seed: int) -> Path:
+    """Write tokenizer + randomly initialised tiny Qwen2 to `out_dir` (HF format)."""
+    tokenizer = build_tokenizer()
+    model = build_tiny_model(tiny_cfg, len(tokenizer), tokenizer.eos_token_id, seed)
+    return save_model_folder(out_dir, model, tokenizer)
