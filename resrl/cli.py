@@ -243,8 +243,8 @@ def _export_verl(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     set_process_defaults()  # before anything heavy is imported
     args = _parse(argv)
-    from resrl import interrupts
     args.argv = list(sys.argv[1:] if argv is None else argv)  # the command again, for each data-parallel rank
+    from resrl import interrupts
     from resrl.errors import UserError
 
     interrupts.install()  # a Ctrl-C swallowed by a destructor is raised again between steps

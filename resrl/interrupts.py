@@ -17,10 +17,22 @@ import threading
 _requested = False
 
 
-def _handler(signum, frame) -> None:
+def signal_name(number: int) -> str:
+    """SIGINT, SIGTERM, ... (the number itself for one Python does not know)."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return str(number)
+
+
+def _record(signum, frame) -> None:
     global _requested
     _requested = True
-    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def _handler(signum, frame) -> None:
+    _record(signum, frame)
+    raise KeyboardInterrupt(signal_name(signum))
 
 
 def install() -> None:
@@ -31,11 +43,6 @@ def install() -> None:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, _handler)
         signal.signal(signal.SIGTERM, _handler)
-
-
-def _record(signum, frame) -> None:
-    global _requested
-    _requested = True
 
 
 @contextlib.contextmanager

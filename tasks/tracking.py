@@ -183,13 +183,13 @@ def run_page(ui: str, experiment_id: str, run_id: str) -> str:
     return f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
 
-def run_url_hint(cfg, run_id: str | None = None) -> str:
+def run_url_hint(cfg, run_id: str | None = None, experiment_id: str | None = None) -> str:
     """How to see the store (and, given a run id, that run's page) in the MLflow UI."""
     uri = tracking_uri(cfg)
     local = is_local_store(uri)
     hint = f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000" if local else f"open {uri}"
     if run_id:
-        exp_id = client_for(cfg).get_run(run_id).info.experiment_id
+        exp_id = experiment_id or client_for(cfg).get_run(run_id).info.experiment_id
         return f"{hint}{', then open' if local else ':'} {run_page(LOCAL_UI if local else uri, exp_id, run_id)}"
     return hint if local else f"{hint} in a browser"
 
@@ -206,7 +206,7 @@ def announce_run(cfg, run_id: str) -> None:
     else:
         create_markdown_artifact(
             markdown=f"MLflow run `{run_id}` (experiment {exp_id}) in `{uri}`.\n\nSee it with:\n\n"
-                     f"    {run_url_hint(cfg, run_id)}\n", key="mlflow-run", description=f"MLflow run {run_id}")
+                     f"    {run_url_hint(cfg, run_id, exp_id)}\n", key="mlflow-run", description=f"MLflow run {run_id}")
 
 
 # ----------------------------------------------------------------------------- a training run's MLflow run
@@ -244,20 +244,13 @@ def finish_run(cfg, run_id: str, status: str = "FINISHED") -> None:
     client_for(cfg).set_terminated(run_id, status=status)
 
 
-def signal_name(number: int) -> str:
-    import signal
-
-    try:
-        return signal.Signals(number).name
-    except ValueError:
-        return str(number)
-
-
 def fail_run(cfg, run_id: str, exc: BaseException) -> str:
     """Mark the run KILLED (stopped from outside, not broken: Ctrl-C, or SIGTERM, which Prefect
     raises in a running task as TerminationSignal) or FAILED, with the error in the `resrl.error`
     tag; returns the status."""
     from prefect.exceptions import TerminationSignal
+
+    from resrl.interrupts import signal_name
 
     status = "KILLED" if isinstance(exc, (KeyboardInterrupt, TerminationSignal)) else "FAILED"
     detail = signal_name(exc.signal) if isinstance(exc, TerminationSignal) else exc
