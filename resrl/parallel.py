@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import Counter
 from datetime import timedelta
 from pathlib import Path
 
@@ -27,6 +28,7 @@ import torch
 
 from resrl.environment import set_engine_defaults
 from resrl.errors import UserError
+from resrl.trainer import _SUMMED, PolicyTrainer, Scored, evaluating, group_chunks
 
 
 class LaunchError(UserError):
@@ -200,22 +202,14 @@ def follow() -> int:
 
 
 # ---------------------------------------------------------------------- the trainer
-def _trainer_base():
-    from resrl.trainer import PolicyTrainer
-
-    return PolicyTrainer
-
-
 def make_trainer(model_path: str, cfg, *, rollout_batch_size: int):
     """The trainer for this process: the plain one for one rank, the data-parallel one otherwise."""
-    from resrl.trainer import PolicyTrainer
-
     if world()[1] == 1:
         return PolicyTrainer(model_path, cfg, rollout_batch_size=rollout_batch_size)
     return DataParallelTrainer(model_path, cfg, rollout_batch_size=rollout_batch_size)
 
 
-class DataParallelTrainer(_trainer_base()):
+class DataParallelTrainer(PolicyTrainer):
     """PolicyTrainer over the ranks of a torch.distributed world.
 
     Every rank is given the whole (gathered) rollout batch. It scores its own prompt groups
@@ -261,7 +255,6 @@ class DataParallelTrainer(_trainer_base()):
         import torch.distributed as dist
 
         from resrl.algorithms import ResidualStats
-        from resrl.trainer import Scored, evaluating, group_chunks
 
         mbs = self.cfg.trainer.micro_batch_size
         shares = self._group_rows(batch.group_ids)
@@ -294,10 +287,6 @@ class DataParallelTrainer(_trainer_base()):
     # -------------------------------------------------------------- the update
     def _optimizer_step(self, batch, rows, coef, scored, adv):
         """This rank's share of the mini-batch `rows`; the loss, norm and sums returned are the global ones."""
-        from collections import Counter
-
-        from resrl.trainer import _SUMMED
-
         mbs = self.cfg.trainer.micro_batch_size
         shares = list(torch.tensor_split(rows, self.world_size))
         n_micro = max(1, max(math.ceil(len(s) / mbs) for s in shares))
@@ -325,8 +314,6 @@ class DataParallelTrainer(_trainer_base()):
 
     @torch.no_grad()
     def likelihood_displacement(self, batch, old_logp: torch.Tensor) -> float:
-        from resrl.trainer import evaluating
-
         pos = batch.correct.nonzero().flatten()
         if len(pos) == 0:
             return float("nan")

@@ -14,10 +14,10 @@ import torch
 
 from resrl import seeds
 from resrl.batch import RolloutBatch
-from resrl.parallel import group_share, lead, make_trainer, world
 from resrl.data import load_prepared
 from resrl.evaluation import evaluate, score_samples
 from resrl.metrics import rollout_metrics
+from resrl.parallel import group_share, lead, make_trainer, world
 from resrl.rewards import is_correct, load_reward_function, math_equiv
 from resrl.rollout import RolloutEngine
 
