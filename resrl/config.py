@@ -226,6 +226,7 @@ def validate(cfg: DictConfig) -> None:
     _check(a.hidden_layer != 0, "algorithm.hidden_layer", "-1, -2, ... or a layer >= 1 (0 is the embedding output)",
            a.hidden_layer)
     _check(a.eps > 0, "algorithm.eps", "> 0", a.eps)
+    _check(a.diagnostics_every >= 1, "algorithm.diagnostics_every", ">= 1", a.diagnostics_every)
     if ALGORITHMS[a.name].needs_groups:
         _check(r.n >= 2, "rollout.n", f">= 2 for the group-normalized algorithm '{a.name}'", r.n)
     _check(r.n >= 1, "rollout.n", ">= 1", r.n)
@@ -273,10 +274,9 @@ def validate(cfg: DictConfig) -> None:
     _check(s.num_train >= 1, "data.synthetic.num_train", ">= 1", s.num_train)
     _check(s.num_test >= 1, "data.synthetic.num_test", ">= 1", s.num_test)
     _check(len(s.ops) >= 1 and set(s.ops) <= set("+-*"), "data.synthetic.ops", "made of + - *", s.ops)
-    _check(s.flaw in synthetic.FLAWS, "data.synthetic.flaw", f"one of {', '.join(synthetic.FLAWS)}", s.flaw)
     _check(0.0 <= s.flawed_fraction <= 1.0, "data.synthetic.flawed_fraction", "in [0, 1]", s.flawed_fraction)
-    _require(s.flaw == "none" or s.max_terms >= 3,
-             f"data.synthetic.flaw={s.flaw} needs problems of >= 3 terms (two steps); max_terms is {s.max_terms}.")
+    _check(s.hard_last_operand is None or 0 <= s.hard_last_operand <= s.max_operand + 1,
+           "data.synthetic.hard_last_operand", f"in 0..{s.max_operand + 1} or null", s.hard_last_operand)
     _check(0 <= cfg.reward.max_error_fraction <= 1, "reward.max_error_fraction", "in [0, 1]",
            cfg.reward.max_error_fraction)
     ls = cfg.reward.length_scale
@@ -288,7 +288,7 @@ def validate(cfg: DictConfig) -> None:
 
         load_reward_function(cfg.reward.function)  # imported now: a typo fails here, not after data preparation
     if d.source == "synthetic":
-        synthetic.check_problem_space(s)
+        synthetic.check_settings(s)  # task, flaw, orders, and room for the asked number of problems
     if cfg.model.path is not None:
         check_model_dir(cfg.model.path)
     max_new = max(r.max_tokens, e.max_tokens)

@@ -278,7 +278,7 @@ def adapted_splits(cfg, summary: PrepSummary) -> dict[str, list[dict] | None]:
     (prepare_dataset then holds out data.num_test of its usable rows)."""
     d = cfg.data
     if d.source == "synthetic":
-        return synthetic.generate_rows(d.synthetic, cfg.seed)
+        return synthetic.generate_rows(d.synthetic, cfg.base_seed)
     if d.path is None:
         raise DataError(f"data.source={d.source} needs data.path (a file, a folder or a hub dataset name)")
     raw = load_raw_splits(str(d.path), d.split_train, d.split_test)
@@ -306,12 +306,12 @@ def prepare_dataset(cfg, tokenizer, out_dir: Path) -> PrepSummary:
     splits = adapted_splits(cfg, summary)
     if splits["test"] is None:  # one split: hold out the first usable rows of a seeded shuffle
         pool = list(splits["train"])
-        random.Random(cfg.seed + 1).shuffle(pool)
+        random.Random(cfg.base_seed + 1).shuffle(pool)
         usable = usable_rows(pool, cfg, tokenizer, summary)
         prepared = {"test": list(itertools.islice(usable, d.num_test))}
         prepared["train"] = list(itertools.islice(usable, d.num_train))
     else:
-        prepared = {split: list(itertools.islice(usable_rows(_shuffled(splits[split], n, cfg.seed), cfg,
+        prepared = {split: list(itertools.islice(usable_rows(_shuffled(splits[split], n, cfg.base_seed), cfg,
                                                              tokenizer, summary), n))
                     for split, n in (("train", d.num_train), ("test", d.num_test))}
     dd = {}

@@ -267,12 +267,13 @@ class DataParallelTrainer(PolicyTrainer):
                     self._idle_forward(batch)
         mine = None if part is None else {"rows": own, "logp": part.logp, "entropy": part.entropy,
                                           "weights": part.token_weights, "ref": part.ref_logp,
-                                          "stats": part.stats}
+                                          "residual": part.residual_weights, "stats": part.stats}
         parts = [None] * self.world_size
         dist.all_gather_object(parts, mine)
         B, T = len(batch), batch.response_mask().shape[1]
         logp, entropy, weights = torch.zeros(B, T), torch.zeros(B, T), torch.ones(B, T)
         ref = torch.zeros(B, T) if self.ref_model is not None else None
+        residual = None
         stats = []
         for p in parts:
             if p is None:
@@ -281,8 +282,11 @@ class DataParallelTrainer(PolicyTrainer):
             logp[rows, :t], entropy[rows, :t], weights[rows, :t] = p["logp"], p["entropy"], p["weights"]
             if ref is not None:
                 ref[rows, :t] = p["ref"]
+            if p["residual"] is not None:
+                residual = torch.ones(B, T) if residual is None else residual
+                residual[rows, :t] = p["residual"]
             stats.append(p["stats"])
-        return Scored(logp, entropy, weights, ref, ResidualStats.merge(stats))
+        return Scored(logp, entropy, weights, ref, ResidualStats.merge(stats), residual)
 
     # -------------------------------------------------------------- the update
     def _optimizer_step(self, batch, rows, coef, scored, adv):
@@ -313,15 +317,16 @@ class DataParallelTrainer(PolicyTrainer):
         return reduced[0], self._grad_norm_after(norm), Counter(dict(zip(keys, reduced[1:])))
 
     @torch.no_grad()
-    def likelihood_displacement(self, batch, old_logp: torch.Tensor) -> float:
+    def positive_logp(self, batch) -> torch.Tensor:
+        """Each rank scores its share of the positives; the (B, T) tensor is summed over the ranks."""
+        import torch.distributed as dist
+
         pos = batch.correct.nonzero().flatten()
-        if len(pos) == 0:
-            return float("nan")
+        out = torch.zeros(batch.response_mask().shape)
         mbs = self.cfg.trainer.micro_batch_size
         shares = list(torch.tensor_split(pos, self.world_size))
-        n_chunks = max(math.ceil(len(s) / mbs) for s in shares)
-        mine = shares[self.rank]
-        change, count = 0.0, 0.0
+        n_chunks = max(math.ceil(len(s) / mbs) for s in shares) if len(pos) else 0
+        mine = shares[self.rank] if len(pos) else pos
         with evaluating(self.engine):
             for k in range(n_chunks):
                 rows = mine[k * mbs:(k + 1) * mbs]
@@ -329,12 +334,10 @@ class DataParallelTrainer(PolicyTrainer):
                     if self.zero_stage == 3:
                         self._idle_forward(batch)
                     continue
-                logp, _, mask, _ = self._forward(self.engine, batch, rows)
-                w = logp.shape[1]
-                change += float(((logp.float().cpu() - old_logp[rows, :w]) * mask.cpu()).sum())
-                count += float(mask.sum())
-        change, count = self._all_reduce([change, count])
-        return change / max(count, 1.0)
+                logp, _, _, _ = self._forward(self.engine, batch, rows)
+                out[rows, :logp.shape[1]] = logp.float().cpu()
+        dist.all_reduce(out)
+        return out
 
     # -------------------------------------------------------------- checkpoints
     def save_checkpoint(self, ckpt_dir: Path, step: int) -> None:

@@ -34,16 +34,16 @@ def prepare_base_and_data(cfg) -> dict:
 
     cache = Path(cfg.run.cache_dir)
     if cfg.model.path is None:
-        base_key = key_of("tiny", dict(cfg.model.tiny), cfg.seed)
+        base_key = key_of("tiny", dict(cfg.model.tiny), cfg.base_seed)
         base, _ = cached_dir(cache / "models" / f"tiny-{base_key}",
-                             lambda d: save_embedded_base(d, cfg.model.tiny, cfg.seed))
+                             lambda d: save_embedded_base(d, cfg.model.tiny, cfg.base_seed))
     else:
         base = Path(cfg.model.path)
         base_key = key_of(files_identity(base))
     tokenizer = AutoTokenizer.from_pretrained(str(base))
     # the input files' identity joins the key only when there are files: synthetic data keeps its old keys
     data_files = files_identity(cfg.data.path) if cfg.data.path is not None else []
-    data_key = key_of(dict(cfg.data), base_key, cfg.seed, *([data_files] if data_files else []))
+    data_key = key_of(dict(cfg.data), base_key, cfg.base_seed, *([data_files] if data_files else []))
     dataset_dir, reused = cached_dir(cache / "data" / data_key, lambda d: prepare_dataset(cfg, tokenizer, d))
     return {"base_dir": base, "base_key": base_key, "dataset_dir": dataset_dir, "data_key": data_key,
             "data_reused": reused}
@@ -91,7 +91,7 @@ def prepare(cfg, progress: bool = True) -> dict:
     policy = base
     warm_reused = None
     if cfg.warmstart.enabled:
-        ws_key = key_of(dict(cfg.warmstart), got["data_key"], got["base_key"], cfg.seed)
+        ws_key = key_of(dict(cfg.warmstart), got["data_key"], got["base_key"], cfg.base_seed)
 
         def build(d):
             train = load_prepared(dataset_dir)["train"]

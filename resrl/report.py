@@ -67,6 +67,77 @@ def paired_differences(runs: pd.DataFrame, group_keys: list[str], reference: dic
     return pd.DataFrame(rows)
 
 
+def paired_p_value(diffs: list[float]) -> float:
+    """Two-sided p-value of a paired t-test (the per-seed differences against 0); nan below 2 seeds."""
+    from scipy.stats import ttest_1samp
+
+    if len(diffs) < 2:
+        return math.nan
+    if all(d == diffs[0] for d in diffs):
+        return 0.0 if diffs[0] != 0 else 1.0
+    return float(ttest_1samp(diffs, 0.0).pvalue)
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values (step-down, monotone, capped at 1); nan stays nan."""
+    order = sorted((p, i) for i, p in enumerate(p_values) if not math.isnan(p))
+    m, out, running = len(order), [math.nan] * len(p_values), 0.0
+    for rank, (p, i) in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p))
+        out[i] = running
+    return out
+
+
+def comparisons(runs: pd.DataFrame, group_keys: list[str], reference: dict, metrics: list[str],
+                primary: list[dict]) -> pd.DataFrame:
+    """Every configuration against the reference on each metric, paired by seed: the mean difference
+    (reference minus configuration), its 95 % t half-width, the paired t-test's p-value and, for all
+    but the pre-stated `primary` comparisons ({config: {...}, metric: ...}), the Holm-adjusted
+    p-value over that family. Primary comparisons are tested at 0.05 unadjusted, as stated before
+    the sweep ran."""
+    done = runs[runs["status"] == "finished"]
+    is_ref = pd.Series(True, index=done.index)
+    for k, v in reference.items():
+        is_ref &= done[k].astype(str) == str(v)
+    ref = done[is_ref].set_index("seed")
+    rows = []
+    for key, frame in done[~is_ref].groupby(group_keys, dropna=False, sort=True):
+        key = key if isinstance(key, tuple) else (key,)
+        config = dict(zip(group_keys, key))
+        frame = frame.set_index("seed")
+        seeds = sorted(set(frame.index) & set(ref.index))
+        for m in metrics:
+            if m not in frame.columns or m not in ref.columns:
+                continue
+            diffs = [float(ref.at[s, m]) - float(frame.at[s, m]) for s in seeds
+                     if frame.at[s, m] == frame.at[s, m] and ref.at[s, m] == ref.at[s, m]]
+            mean, half, n = mean_ci95(diffs)
+            is_primary = any(p.get("metric") == m and all(str(config.get(k)) == str(v)
+                                                           for k, v in (p.get("config") or {}).items())
+                             for p in primary)
+            rows.append({**config, "metric": m, "seeds": n, "diff": mean, "ci95": half,
+                         "p": paired_p_value(diffs), "primary": is_primary})
+    table = pd.DataFrame(rows)
+    if len(table):
+        secondary = ~table["primary"]
+        table["p_holm"] = math.nan
+        table.loc[secondary, "p_holm"] = holm(list(table.loc[secondary, "p"]))
+    return table
+
+
+def curve_area(curve: dict) -> float:
+    """Mean of a metric over a run's evaluations, weighting each by the steps it covers
+    (trapezoids over the step axis, divided by the span): the learning curve's area, so a
+    faster riser scores higher at the same final value. One evaluation: its value."""
+    steps = sorted(curve)
+    if not steps:
+        return math.nan
+    if len(steps) == 1:
+        return float(curve[steps[0]])
+    area = sum((b - a) * (curve[a] + curve[b]) / 2 for a, b in zip(steps, steps[1:]))
+    return area / (steps[-1] - steps[0])
+
+
 def _fmt(mean: float, ci: float) -> str:
     if math.isnan(mean):
         return "-"
@@ -98,8 +169,17 @@ def _save(fig, ax, path: Path, title: str) -> Path:
     return path
 
 
+# per-step curves a report can plot: (column of {step: value}, file stem, y label, title)
+CURVES = [("lld_curve", "lld", "LLD: Δ log p(correct) per token", "Likelihood displacement of the positives"),
+          ("disp_curve", "displacement", "Δ log p per positive response",
+           "Change of each positive's sequence log-prob across an update")]
+# per-run summaries a report tabulates beside the final evaluation
+SUMMARY_COLUMNS = ("curve/pass_at_1_area", "train/lld_mean", "train/disp_mean")
+
+
 def write_report(runs: pd.DataFrame, out_dir: Path, *, sweep_id: str, group_keys: list[str], headline: str,
-                 heatmap: list[str], reference: dict | None = None) -> dict[str, Path]:
+                 heatmap: list[str], reference: dict | None = None,
+                 primary: list[dict] | None = None) -> dict[str, Path]:
     """Markdown + PNGs into out_dir; returns the written files."""
     import matplotlib
 
@@ -109,7 +189,7 @@ def write_report(runs: pd.DataFrame, out_dir: Path, *, sweep_id: str, group_keys
     out_dir.mkdir(parents=True, exist_ok=True)
     metric_cols = sorted(c for c in runs.columns if c.startswith("eval/pass_at_") or c.startswith("eval/avg_at_"))
     metric_cols.sort(key=lambda c: (not c.startswith("eval/avg"), int(c.rsplit("_", 1)[1])))
-    metric_cols += [c for c in ("train/lld_mean",) if c in runs.columns]
+    metric_cols += [c for c in SUMMARY_COLUMNS if c in runs.columns]
     table = summarize(runs, group_keys, metric_cols)
     files = {}
 
@@ -131,13 +211,15 @@ def write_report(runs: pd.DataFrame, out_dir: Path, *, sweep_id: str, group_keys
         ax.set_ylim(0, 1.02)
         files["curves"] = _save(fig, ax, out_dir / "pass_at_k.png", f"Pass@k by configuration ({sweep_id})")
 
-    # lazy likelihood displacement per step, one line per configuration (mean over seeds, 95 % band)
-    if "lld_curve" in runs.columns and len(table):
+    # per-step displacement curves, one line per configuration (mean over seeds, 95 % band)
+    for column, stem, ylabel, title in CURVES:
+        if column not in runs.columns or not len(table):
+            continue
         fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
         done = runs[runs["status"] == "finished"]
         for key, frame in done.groupby(group_keys, dropna=False, sort=True) if group_keys else [((), done)]:
             key = key if isinstance(key, tuple) else (key,)
-            curves = [c for c in frame["lld_curve"] if isinstance(c, dict) and c]
+            curves = [c for c in frame[column] if isinstance(c, dict) and c]
             if not curves:
                 continue
             steps = sorted(set.intersection(*(set(c) for c in curves)))
@@ -149,8 +231,8 @@ def write_report(runs: pd.DataFrame, out_dir: Path, *, sweep_id: str, group_keys
             ax.fill_between(steps, [m - h for m, h in zip(mean, half)], [m + h for m, h in zip(mean, half)], alpha=0.2)
         ax.axhline(0, color="k", lw=0.5)
         ax.set_xlabel("RL step")
-        ax.set_ylabel("LLD: Δ log p(correct) per token")
-        files["lld"] = _save(fig, ax, out_dir / "lld.png", f"Likelihood displacement of the positives ({sweep_id})")
+        ax.set_ylabel(ylabel)
+        files[stem] = _save(fig, ax, out_dir / f"{stem}.png", f"{title} ({sweep_id})")
 
     # heat map of the headline metric over two swept keys: mean over seeds (and anything else
     # not on the axes) with the 95 % half-width under it
@@ -206,6 +288,22 @@ def write_report(runs: pd.DataFrame, out_dir: Path, *, sweep_id: str, group_keys
             lines.append("| " + " | ".join(cells) + " |")
         diffs.to_csv(out_dir / "paired.csv", index=False)
         files["paired"] = out_dir / "paired.csv"
+        tests = comparisons(runs, group_keys, reference, k_cols, primary or [])
+        if len(tests):
+            lines += ["", f"## Tests: {ref_label} minus each configuration", "",
+                      "Paired t-tests over seeds. The primary comparisons were stated in the sweep file before "
+                      "it ran and are read at p < 0.05 as they are; every other comparison is one of a family "
+                      f"of {int((~tests['primary']).sum())}, Holm-corrected (p_holm).", ""]
+            lines += ["| " + " | ".join(group_keys + ["metric", "seeds", "difference", "p", "p_holm", "primary"]) + " |",
+                      "|" + "---|" * (len(group_keys) + 6)]
+            for row in tests.sort_values(["primary", "p"], ascending=[False, True]).to_dict("records"):
+                cells = [str(row[k]) for k in group_keys] + [row["metric"], str(row["seeds"]),
+                                                              _fmt_diff(row["diff"], row["ci95"]),
+                                                              f"{row['p']:.3g}", f"{row['p_holm']:.3g}",
+                                                              "yes" if row["primary"] else ""]
+                lines.append("| " + " | ".join(cells) + " |")
+            tests.to_csv(out_dir / "tests.csv", index=False)
+            files["tests"] = out_dir / "tests.csv"
     failed = runs[runs["status"] != "finished"]
     if len(failed):
         lines += ["", "## Not finished", ""]

@@ -37,7 +37,7 @@ from resrl.config import CONF_DIR, ConfigError, config_hash, load_config
 PROJECT_DIR = CONF_DIR.parent
 
 SWEEP_KEYS = {"name", "base", "overrides", "grid", "points", "concurrency", "report"}
-REPORT_KEYS = {"headline", "heatmap", "reference"}
+REPORT_KEYS = {"headline", "heatmap", "reference", "primary"}
 
 
 @dataclass
@@ -63,6 +63,7 @@ class ReportSettings:
     headline: str              # the heat map's metric
     heatmap: list[str]         # [] or two swept keys (rows, columns)
     reference: dict | None     # a configuration to pair every other one against, seed by seed
+    primary: list[dict]        # comparisons stated before running: [{config: {...}, metric: ...}], not corrected
 
 
 DEFAULT_HEADLINE = "eval/pass_at_1"
@@ -76,8 +77,15 @@ def report_settings(spec: dict) -> ReportSettings:
     heatmap = list(report.get("heatmap") or [])
     if heatmap and len(heatmap) != 2:
         raise ConfigError("report.heatmap needs exactly two config keys (rows, columns)")
+    primary = list(report.get("primary") or [])
+    for p in primary:
+        if not isinstance(p, dict) or set(p) != {"config", "metric"} or not isinstance(p["config"], dict):
+            raise ConfigError(f"report.primary entries look like {{config: {{algorithm.name: nsr}}, metric: "
+                              f"eval/avg_at_128}}, got {p!r}")
+    if primary and not report.get("reference"):
+        raise ConfigError("report.primary needs report.reference (the comparisons are against it)")
     return ReportSettings(headline=report.get("headline", DEFAULT_HEADLINE), heatmap=heatmap,
-                          reference=report.get("reference"))
+                          reference=report.get("reference"), primary=primary)
 
 
 def _as_override(key: str, value) -> str:

@@ -1,23 +1,35 @@
-"""The embedded task: multi-step integer arithmetic with a worked solution.
+"""The embedded tasks: sums of one-digit numbers with worked solutions.
 
-    question: "7+2-5=?"
-    solution: " 7+2=9, 9-5=4. #### 4"
-    answer:   "4"
+Two tasks (`data.synthetic.task`), both verified on the GSM8K-style "#### N" answer.
 
-Problems are generated deterministically from a seed; train and held-out splits
-never share a question. The verifier accepts the GSM8K-style "#### N" final answer.
+`orders` (the default testbed, built so that ResRL's mechanism can act):
 
-The warm-start demonstrations are a mixture (`flawed_fraction`) of this correct
-procedure and a flawed one, `skip_last`, that works through the same opening steps
-and then answers before using the last term:
+    question: "7+2+5+1=?"
+    L (left to right):  " 7+2=9, 9+5=14, 14+1=15. #### 15"
+    R (right to left):  " 1+5=6, 6+2=8, 8+7=15. #### 15"
+    P (pairs):          " 7+2=9, 5+1=6, 9+6=15. #### 15"
+    flawed (`slip`):    " 7+2=9, 9+5=15, 15+1=16. #### 16"   (step 2 one too high, carried on)
 
-    flawed:   " 7+2=9. #### 9"
+  The demonstrations pick one of the `orders` at random, so a prompt has several distinct
+  correct answers and the first tokens of every answer, correct or not, are a real choice
+  (about ln 3 nats). The flaw does not depend on the order: it strikes in the middle of the
+  answer with probability `flawed_fraction`, and always on the *hard* prompts (last operand
+  >= `hard_last_operand`). So correct and incorrect answers share uncertain tokens (the order
+  choice) produced from identical states, the tokens after the slip differ, and on the hard
+  prompts the warm-started policy has (almost) never seen a correct answer: Pass@k is off its
+  ceiling. A negative gradient on a wrong answer's order tokens is pure interference with the
+  correct answers that chose the same order: the displacement NSR causes and ResRL's weighting
+  is built to avoid.
 
-So the warm-started policy already knows the right procedure (pass@k >> pass@1) and
-its failures are mostly a choice - stop or continue at the last step - that RL can
-shift, the way RLVR sharpens what a base model already does. Correct and incorrect
-responses share their opening tokens, which is the situation ResRL's weighting is
-built for. Held-out rows always carry the correct solution.
+`chain` (the earlier testbed, `conf/chain.yaml`; a fast learning check):
+
+    question: "7+2+5+1=?"   solution: " 7+2=9, 9+5=14, 14+1=15. #### 15"
+    flawed (`skip_last`):   " 7+2=9, 9+5=14. #### 14"
+
+  One order; the flaw is a stop-or-continue choice at one fixed token.
+
+Problems are generated deterministically from the base seed; train and held-out splits
+never share a question. Held-out rows carry a correct solution (only their answer is used).
 """
 from __future__ import annotations
 
@@ -26,7 +38,9 @@ import random
 from resrl.errors import ConfigError
 
 DATA_SOURCE = "synthetic_arith"
-FLAWS = ("none", "skip_last")
+TASKS = ("orders", "chain")
+FLAWS = {"chain": ("none", "skip_last"), "orders": ("none", "slip")}
+ORDERS = "LRP"
 
 
 def _apply(acc: int, op: str, n: int) -> int:
@@ -34,7 +48,7 @@ def _apply(acc: int, op: str, n: int) -> int:
 
 
 def solution_text(nums: list[int], ops: list[str], upto: int | None = None) -> tuple[str, int]:
-    """The worked solution over the first `upto` operations (all by default) and its answer."""
+    """The left-to-right worked solution over the first `upto` operations (all by default) and its answer."""
     acc, steps = nums[0], []
     for op, n in list(zip(ops, nums[1:]))[:upto]:
         new = _apply(acc, op, n)
@@ -43,11 +57,41 @@ def solution_text(nums: list[int], ops: list[str], upto: int | None = None) -> t
     return " " + ", ".join(steps) + f". #### {acc}", acc
 
 
+def ordered_solution(nums: list[int], order: str, slip_step: int | None = None,
+                     swaps: tuple[bool, ...] = (False, False, False)) -> tuple[str, int]:
+    """A sum of four terms worked in `order` (L, R or P); `slip_step` (0-based) writes that step's
+    result one too high and carries the wrong value on; `swaps[i]` writes step i's two operands the
+    other way round ("5+9" for "9+5"). Returns the text and its final answer."""
+    if len(nums) != 4:
+        raise ValueError(f"ordered solutions take four terms, got {nums}")
+    a, b, c, d = nums
+    plan = {"L": [("x", a, b), ("x", None, c), ("x", None, d)],
+            "R": [("x", d, c), ("x", None, b), ("x", None, a)],
+            "P": [("y", a, b), ("z", c, d), ("x", "y", "z")]}[order]
+    vals: dict[str, int] = {}
+    acc, steps = None, []
+    for i, (name, left, right) in enumerate(plan):
+        lhs = acc if left is None else vals[left] if isinstance(left, str) else left
+        rhs = vals[right] if isinstance(right, str) else right
+        out = lhs + rhs + (1 if i == slip_step else 0)
+        steps.append(f"{rhs}+{lhs}={out}" if swaps[i] else f"{lhs}+{rhs}={out}")
+        vals[name] = out
+        acc = out if name == "x" else acc
+        if name == "z":
+            acc = None
+    return " " + ", ".join(steps) + f". #### {vals['x']}", vals["x"]
+
+
 def demonstration(nums: list[int], ops: list[str], flawed: bool) -> str:
-    """The warm-start text: the correct solution, or `skip_last` when flawed (and there are >= 2 steps)."""
+    """The chain task's warm-start text: correct, or `skip_last` when flawed (and there are >= 2 steps)."""
     if flawed and len(ops) >= 2:
         return solution_text(nums, ops, upto=len(ops) - 1)[0]
     return solution_text(nums, ops)[0]
+
+
+def is_hard(nums: list[int], cfg) -> bool:
+    """The orders task's hard prompts: last operand >= hard_last_operand (null: none)."""
+    return cfg.hard_last_operand is not None and nums[-1] >= cfg.hard_last_operand
 
 
 def make_problem(rng: random.Random, min_terms: int, max_terms: int, max_operand: int, ops: str):
@@ -62,9 +106,23 @@ def problem_space(cfg) -> int:
     return sum((cfg.max_operand + 1) ** k * len(cfg.ops) ** (k - 1) for k in range(cfg.min_terms, cfg.max_terms + 1))
 
 
-def check_problem_space(cfg) -> None:
-    """ConfigError unless the settings have room for the asked number of distinct problems
-    (cheap: validation calls it before anything is built)."""
+def check_settings(cfg) -> None:
+    """ConfigError for settings the generator cannot honour (cheap: validation calls it before
+    anything is built), including too few distinct problems for the asked number."""
+    if cfg.task not in TASKS:
+        raise ConfigError(f"data.synthetic.task must be one of {', '.join(TASKS)}, got {cfg.task!r}.")
+    if cfg.flaw not in FLAWS[cfg.task]:
+        raise ConfigError(f"data.synthetic.flaw must be one of {', '.join(FLAWS[cfg.task])} for task "
+                          f"{cfg.task}, got {cfg.flaw!r}.")
+    if cfg.task == "orders":
+        if not (cfg.min_terms == cfg.max_terms == 4 and cfg.ops == "+"):
+            raise ConfigError("data.synthetic.task=orders works on sums of four terms: set min_terms=4, "
+                              f"max_terms=4, ops='+' (got {cfg.min_terms}/{cfg.max_terms}/{cfg.ops!r}).")
+        if not cfg.orders or set(cfg.orders) - set(ORDERS) or len(set(cfg.orders)) != len(cfg.orders):
+            raise ConfigError(f"data.synthetic.orders must be distinct letters of {ORDERS}, got {cfg.orders!r}.")
+    elif cfg.flaw != "none" and cfg.max_terms < 3:
+        raise ConfigError(f"data.synthetic.flaw={cfg.flaw} needs problems of >= 3 terms (two steps); "
+                          f"max_terms is {cfg.max_terms}.")
     space = problem_space(cfg)
     wanted = cfg.num_test + cfg.num_train
     if wanted > 0.5 * space:
@@ -72,17 +130,25 @@ def check_problem_space(cfg) -> None:
                           "with these settings; raise max_operand or max_terms, or lower num_train/num_test.")
 
 
+def _orders_solution(nums: list[int], cfg, rng: random.Random, flawed: bool) -> str:
+    order = rng.choice(cfg.orders)
+    swaps = tuple(cfg.commute and rng.random() < 0.5 for _ in range(3))
+    return ordered_solution(nums, order, slip_step=1 if flawed else None, swaps=swaps)[0]
+
+
 def generate_rows(cfg, seed: int) -> dict[str, list[dict]]:
     """{"train": [...], "test": [...]} rows with question, solution, answer, data_source, prompt_id.
 
     A train row's `solution` is its warm-start demonstration: flawed (`cfg.flaw`) with
-    probability `cfg.flawed_fraction`, drawn from the same seed.
+    probability `cfg.flawed_fraction` (always on the orders task's hard prompts), drawn
+    from the same seed.
     """
+    check_settings(cfg)
     rng = random.Random(seed)
     flaw_rng = random.Random(seed + 7_777)
+    order_rng = random.Random(seed + 31_337)
     seen: set[str] = set()
     out: dict[str, list[dict]] = {}
-    check_problem_space(cfg)
     for split, count in (("test", cfg.num_test), ("train", cfg.num_train)):
         rows = []
         while len(rows) < count:
@@ -90,9 +156,15 @@ def generate_rows(cfg, seed: int) -> dict[str, list[dict]]:
             if q in seen:
                 continue
             seen.add(q)
-            flawed = split == "train" and cfg.flaw != "none" and flaw_rng.random() < cfg.flawed_fraction
+            flawed = False
+            if split == "train" and cfg.flaw != "none":
+                flawed = flaw_rng.random() < cfg.flawed_fraction or (cfg.task == "orders" and is_hard(nums, cfg))
             _, answer = solution_text(nums, signs)
-            rows.append({"question": q, "solution": demonstration(nums, signs, flawed), "answer": str(answer),
+            if cfg.task == "orders":
+                text = _orders_solution(nums, cfg, order_rng, flawed)
+            else:
+                text = demonstration(nums, signs, flawed)
+            rows.append({"question": q, "solution": text, "answer": str(answer),
                          "data_source": DATA_SOURCE, "prompt_id": f"{split}-{len(rows):06d}"})
         out[split] = rows
     return out

@@ -10,8 +10,10 @@ One RL step, top to bottom (`PolicyTrainer.train_step`):
    weights;
 3. PPO: `epochs` passes of `mini_batches` optimizer steps, each mini-batch split
    into micro-batches whose losses sum exactly to the mini-batch loss;
-4. diagnostics, among them the lazy likelihood displacement: the mean per-token
-   change of log pi(y+|x) over the positive responses across the update.
+4. diagnostics; every `algorithm.diagnostics_every` steps also the likelihood
+   displacement (resrl/displacement.py): the change of each positive response's
+   log-prob across the update, and the first-order push the negative samples' part of
+   the loss alone gives the positives (two extra backward passes, before the update).
 
 The engine's config is built in deepspeed_setup.py; checkpoints are read and written
 by checkpoint.py.
@@ -27,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from resrl import checkpoint, seeds
+from resrl import checkpoint, displacement, seeds
 from resrl.algorithms import ResidualStats, get_algorithm, policy_loss, token_coefficients
 from resrl.algorithms.advantages import resrl_token_weights
 from resrl.batch import RolloutBatch, pack
@@ -118,6 +120,7 @@ class Scored:
     token_weights: torch.Tensor
     ref_logp: torch.Tensor | None
     stats: ResidualStats
+    residual_weights: torch.Tensor | None = None  # ResRL's weights, also when not applied (diagnostics)
 
 
 class PolicyTrainer:
@@ -158,8 +161,10 @@ class PolicyTrainer:
         train_rows = torch.arange(len(batch))
         if self.algorithm.skip_zero_advantage:  # PSR/NSR: only their own samples enter the update
             train_rows = (adv != 0).any(dim=1).nonzero().flatten()
-        # 3. PPO: `epochs` passes over the kept rows, one optimizer step per mini-batch
         agg = self.algorithm.effective_loss_agg(cfg.loss.agg)
+        diagnose = step % cfg.algorithm.diagnostics_every == 0
+        pushed = self.negative_interference(batch, train_rows, adv, agg) if diagnose else {}
+        # 3. PPO: `epochs` passes over the kept rows, one optimizer step per mini-batch
         gen = torch.Generator().manual_seed(seeds.minibatch_order(cfg.seed, step))
         losses, grad_norms, sums = [], [], Counter(dict.fromkeys(_SUMMED, 0.0))
         for _ in range(t.epochs if len(train_rows) else 0):
@@ -186,7 +191,13 @@ class PolicyTrainer:
         metrics.update({k: v / tokens if tokens else float("nan") for k, v in sums.items()})
         metrics.update(advantage_metrics(adv, mask, batch.correct))
         metrics.update(scored.stats.as_dict())
-        metrics["lld"] = self.likelihood_displacement(batch, scored.logp)
+        classes = displacement.token_classes(batch.response_ids, batch.correct, batch.group_ids, mask.shape[1])
+        if scored.residual_weights is not None:
+            metrics.update(displacement.weights_by_class(scored.residual_weights, classes, mask, ~batch.correct))
+        if diagnose:
+            metrics.update(pushed)
+            new_logp = self.positive_logp(batch)
+            metrics.update(displacement.update_displacement(scored.logp, new_logp, mask, classes, batch.correct))
         sampler = batch.sampler_logp_tensor()
         if sampler is not None:  # the old log-probs come from the trainer; check them against vLLM's
             metrics.update(sampler_agreement(scored.logp, sampler, mask))
@@ -222,7 +233,8 @@ class PolicyTrainer:
                     rlp, _, _, _ = self._forward(self.ref_model, batch, rows)
                     ref[rows, :t] = rlp.float().cpu()
         applied = weights if self.algorithm.token_weights is not None else torch.ones(B, T)
-        return Scored(logp, entropy, applied, ref, ResidualStats.merge(stats))
+        return Scored(logp, entropy, applied, ref, ResidualStats.merge(stats),
+                      weights if token_fn is not None else None)
 
     def advantages(self, batch: RolloutBatch, scored: Scored) -> torch.Tensor:
         seq_adv = self.algorithm.advantages(batch.rewards.float(), batch.correct, batch.group_ids,
@@ -262,19 +274,50 @@ class PolicyTrainer:
             kl_coef=cfg.loss.kl_coef, kl_type=cfg.loss.kl_type)
 
     @torch.no_grad()
-    def likelihood_displacement(self, batch: RolloutBatch, old_logp: torch.Tensor) -> float:
-        """Mean per-token change of log pi(y+|x) over the positive responses, after the update."""
-        pos = batch.correct.nonzero().flatten()
-        if len(pos) == 0:
-            return float("nan")
-        change, count = 0.0, 0.0
+    def positive_logp(self, batch: RolloutBatch) -> torch.Tensor:
+        """(B, T) log-probs of the positive responses' tokens under the current weights (0 elsewhere)."""
+        out = torch.zeros(batch.response_mask().shape)
         with evaluating(self.engine):
-            for rows in micro_batches(pos, self.cfg.trainer.micro_batch_size):
-                logp, _, mask, _ = self._forward(self.engine, batch, rows)
-                w = logp.shape[1]
-                change += float(((logp.float().cpu() - old_logp[rows, :w]) * mask.cpu()).sum())
-                count += float(mask.sum())
-        return change / max(count, 1.0)
+            for rows in micro_batches(batch.correct.nonzero().flatten(), self.cfg.trainer.micro_batch_size):
+                logp, _, _, _ = self._forward(self.engine, batch, rows)
+                out[rows, :logp.shape[1]] = logp.float().cpu()
+        return out
+
+    def negative_interference(self, batch: RolloutBatch, rows: torch.Tensor, adv: torch.Tensor,
+                              agg: str) -> dict[str, float]:
+        """How the negative samples' part of this step's loss alone moves the positives' log-probs, to
+        first order, at the current weights (resrl/displacement.py). Its gradient at ratio 1 (on-policy)
+        is that of -sum(coef * adv * log pi) over the tokens with negative advantage; the positives'
+        is that of their mean sequence log-prob. Plain autograd on the module: no optimizer state or
+        gradient buffer is touched. Skipped (empty) under ZeRO-3 and with several ranks, where
+        parameters or gradients are partitioned."""
+        if self.zero_stage == 3 or getattr(self, "world_size", 1) > 1:
+            return {}
+        mask = batch.response_mask()
+        neg_rows = rows[(adv[rows] < 0).any(dim=1)]
+        pos_rows = batch.correct.nonzero().flatten()
+        if not len(neg_rows) or not len(pos_rows):
+            return {}
+        module = self.engine.module
+        params = [p for p in module.parameters() if p.requires_grad]
+        coef = torch.zeros(mask.shape)
+        coef[rows] = token_coefficients(mask[rows], agg, max_len=self.cfg.rollout.max_tokens)
+        neg_coef = (coef * adv).clamp(max=0.0)  # only the tokens that are pushed down
+
+        def grad_of(rows_, weight):  # gradient of sum(weight * log pi) over `rows_`, micro-batch by micro-batch
+            total = [torch.zeros_like(p) for p in params]
+            for mrows in micro_batches(rows_, self.cfg.trainer.micro_batch_size):
+                logp, _, _, _ = self._forward(module, batch, mrows)
+                w = weight[mrows, :logp.shape[1]].to(logp.device)
+                for t, g in zip(total, torch.autograd.grad((logp * w).sum(), params, allow_unused=True)):
+                    if g is not None:
+                        t += g
+            return total
+
+        with evaluating(self.engine):
+            neg_grad = grad_of(neg_rows, -neg_coef)  # the gradient of the loss -sum(coef * adv * log pi)
+            pos_grad = grad_of(pos_rows, mask.float() / len(pos_rows))
+        return displacement.interference(neg_grad, pos_grad)
 
     # ------------------------------------------------------------------ forward pass and gradient norm
     def _forward(self, model, batch: RolloutBatch, rows: torch.Tensor, *, hidden_layer=None):

@@ -29,8 +29,8 @@ def warm_start(base_dir, out_dir, train_rows, cfg, progress: bool = True) -> dic
     if not examples:
         raise ConfigError("warmstart.enabled=true but the training data has no worked solutions; "
                           "set warmstart.enabled=false")
-    torch.manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
+    torch.manual_seed(cfg.base_seed)
+    rng = random.Random(cfg.base_seed)
     opt = torch.optim.AdamW(model.parameters(), lr=w.lr, weight_decay=0.0)
     # linear warm-up, then linear decay to 10 %
     sched = torch.optim.lr_scheduler.LambdaLR(

@@ -15,7 +15,7 @@ import pandas as pd
 import yaml
 
 from resrl.config import ConfigError
-from resrl.report import write_report
+from resrl.report import curve_area, write_report
 from resrl.sweep import report_settings
 from tasks import tracking
 
@@ -82,10 +82,14 @@ def sweep_runs(cfg, sweep_id: str) -> tuple[str, pd.DataFrame, dict, list[str]]:
             run = client.get_run(p["mlflow_run_id"])
             row["status"] = "finished" if run.info.status == "FINISHED" else p["status"]
             row.update(final_eval_metrics(run.data.metrics))
-            lld = {m.step: m.value for m in client.get_metric_history(p["mlflow_run_id"], "train/lld")}
-            row["lld_curve"] = dict(sorted(lld.items()))
-            finite = [v for v in lld.values() if v == v]
-            row["train/lld_mean"] = sum(finite) / len(finite) if finite else float("nan")
+            for metric, column, mean_key in (("train/lld", "lld_curve", "train/lld_mean"),
+                                             ("train/disp/seq_logp_change", "disp_curve", "train/disp_mean")):
+                history = {m.step: m.value for m in client.get_metric_history(p["mlflow_run_id"], metric)}
+                row[column] = dict(sorted(history.items()))
+                finite = [v for v in history.values() if v == v]
+                row[mean_key] = sum(finite) / len(finite) if finite else float("nan")
+            curve = {m.step: m.value for m in client.get_metric_history(p["mlflow_run_id"], "eval/pass_at_1")}
+            row["curve/pass_at_1_area"] = curve_area(curve)
         rows.append(row)
     swept = list(dict.fromkeys(k for p in points for k in p["values"]))
     return parent, pd.DataFrame(rows), spec, swept
@@ -98,7 +102,7 @@ def build_report(cfg, sweep_id: str) -> dict:
     settings = report_settings(spec)
     out = Path(cfg.run.output_dir) / "sweeps" / sweep_id
     files = write_report(runs, out, sweep_id=sweep_id, group_keys=group_keys, headline=settings.headline,
-                         heatmap=settings.heatmap, reference=settings.reference)
+                         heatmap=settings.heatmap, reference=settings.reference, primary=settings.primary)
     client = tracking.client_for(cfg)
     for path in files.values():
         client.log_artifact(parent, str(path), artifact_path="report")

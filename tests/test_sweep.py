@@ -66,7 +66,7 @@ def test_sweep_base_resolves_from_any_working_directory(tmp_path, monkeypatch):
 def test_smoke_sweep_definition():
     s = load_sweep(ROOT / "conf" / "sweep" / "smoke.yaml")
     assert len(s.points) >= 4 and len({p.key for p in s.points}) == len(s.points)
-    assert report_settings(s.spec) == ReportSettings("eval/pass_at_1", ["algorithm.rank", "algorithm.min_weight"], None)
+    assert report_settings(s.spec) == ReportSettings("eval/pass_at_1", ["algorithm.rank", "algorithm.min_weight"], None, [])
     again = load_sweep(ROOT / "conf" / "sweep" / "smoke.yaml")
     assert again.sweep_id == s.sweep_id  # same definition, same id
 
