@@ -43,6 +43,10 @@ def prepare_base_and_data(cfg) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(str(base))
     # the input files' identity joins the key only when there are files: synthetic data keeps its old keys
     data_files = files_identity(cfg.data.path) if cfg.data.path is not None else []
+    if cfg.data.source == "synthetic":  # the generator's version stands for its "files"
+        from resrl.synthetic import VERSION
+
+        data_files = [f"synthetic-v{VERSION}"]
     data_key = key_of(dict(cfg.data), base_key, cfg.base_seed, *([data_files] if data_files else []))
     dataset_dir, reused = cached_dir(cache / "data" / data_key, lambda d: prepare_dataset(cfg, tokenizer, d))
     return {"base_dir": base, "base_key": base_key, "dataset_dir": dataset_dir, "data_key": data_key,

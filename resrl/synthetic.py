@@ -38,6 +38,9 @@ import random
 from resrl.errors import ConfigError
 
 DATA_SOURCE = "synthetic_arith"
+# Part of the prepared data's cache key: raise it when the rows a config generates change,
+# so a cached dataset (and the warm-start trained on it) is never reused for other rows.
+VERSION = 2
 TASKS = ("orders", "chain")
 FLAWS = {"chain": ("none", "skip_last"), "orders": ("none", "slip")}
 ORDERS = "LRP"
@@ -58,10 +61,11 @@ def solution_text(nums: list[int], ops: list[str], upto: int | None = None) -> t
 
 
 def ordered_solution(nums: list[int], order: str, slip_step: int | None = None,
-                     swaps: tuple[bool, ...] = (False, False, False)) -> tuple[str, int]:
+                     swaps: tuple[bool, ...] = (False, False, False), seps: tuple[str, ...] = (", ", ", ")) -> tuple[str, int]:
     """A sum of four terms worked in `order` (L, R or P); `slip_step` (0-based) writes that step's
     result one too high and carries the wrong value on; `swaps[i]` writes step i's two operands the
-    other way round ("5+9" for "9+5"). Returns the text and its final answer."""
+    other way round ("5+9" for "9+5"); `seps` are the two separators between the steps. Returns the
+    text and its final answer."""
     if len(nums) != 4:
         raise ValueError(f"ordered solutions take four terms, got {nums}")
     a, b, c, d = nums
@@ -79,7 +83,7 @@ def ordered_solution(nums: list[int], order: str, slip_step: int | None = None,
         acc = out if name == "x" else acc
         if name == "z":
             acc = None
-    return " " + ", ".join(steps) + f". #### {vals['x']}", vals["x"]
+    return f" {steps[0]}{seps[0]}{steps[1]}{seps[1]}{steps[2]}. #### {vals['x']}", vals["x"]
 
 
 def demonstration(nums: list[int], ops: list[str], flawed: bool) -> str:
@@ -120,6 +124,10 @@ def check_settings(cfg) -> None:
                               f"max_terms=4, ops='+' (got {cfg.min_terms}/{cfg.max_terms}/{cfg.ops!r}).")
         if not cfg.orders or set(cfg.orders) - set(ORDERS) or len(set(cfg.orders)) != len(cfg.orders):
             raise ConfigError(f"data.synthetic.orders must be distinct letters of {ORDERS}, got {cfg.orders!r}.")
+        bad = [x for x in cfg.separators if not isinstance(x, str) or not x or any(c.isdigit() or c in "+=#" for c in x)]
+        if not cfg.separators or bad:
+            raise ConfigError("data.synthetic.separators must be a non-empty list of non-empty strings without "
+                              f"digits, '+', '=' or '#', got {list(cfg.separators)!r}.")
     elif cfg.flaw != "none" and cfg.max_terms < 3:
         raise ConfigError(f"data.synthetic.flaw={cfg.flaw} needs problems of >= 3 terms (two steps); "
                           f"max_terms is {cfg.max_terms}.")
@@ -130,10 +138,19 @@ def check_settings(cfg) -> None:
                           "with these settings; raise max_operand or max_terms, or lower num_train/num_test.")
 
 
+# the step (0-based) of each order that adds the last term: where a hard prompt's demonstration slips
+LAST_TERM_STEP = {"L": 2, "R": 0, "P": 1}
+
+
 def _orders_solution(nums: list[int], cfg, rng: random.Random, flawed: bool) -> str:
     order = rng.choice(cfg.orders)
     swaps = tuple(cfg.commute and rng.random() < 0.5 for _ in range(3))
-    return ordered_solution(nums, order, slip_step=1 if flawed else None, swaps=swaps)[0]
+    seps = tuple(rng.choice(list(cfg.separators)) for _ in range(2)) if len(cfg.separators) > 1 \
+        else (cfg.separators[0],) * 2
+    # a hard prompt slips where it adds its large last term: a local cue the warm-start learns
+    # sharply, so the warm-started policy (almost) never solves these prompts
+    slip = (LAST_TERM_STEP[order] if is_hard(nums, cfg) else 1) if flawed else None
+    return ordered_solution(nums, order, slip_step=slip, swaps=swaps, seps=seps)[0]
 
 
 def generate_rows(cfg, seed: int) -> dict[str, list[dict]]:

@@ -1,6 +1,8 @@
 """The embedded tasks: worked solutions by hand, the demonstrations' flaw rates, the settings
 the generator refuses, and the seed split (the base model, data and warm-start follow
 `base_seed`; the RL `seed` changes none of them)."""
+import re
+
 import pytest
 
 from resrl.config import load_config
@@ -33,19 +35,36 @@ def test_every_order_is_right_and_every_slip_is_wrong(order):
 
 
 def test_orders_demonstrations_flaw_rates_and_hard_prompts():
-    s = load_config(None, ["data.synthetic.num_train=3000", "data.synthetic.num_test=100"]).data.synthetic
+    s = load_config(None, ["data.synthetic.num_train=3000", "data.synthetic.num_test=100",
+                           "data.synthetic.orders=L"]).data.synthetic
     rows = generate_rows(s, seed=0)
     ok = {True: [], False: []}
-    starts = set()
     for r in rows["train"]:
         nums = [int(x) for x in r["question"].rstrip("=?").split("+")]
         ok[is_hard(nums, s)].append(compute_score("synthetic_arith", r["solution"], r["answer"]) == 1.0)
-        starts.add(r["solution"].split("+")[0] == f" {nums[0]}")
-    assert not any(ok[True]) and len(ok[True]) > 300           # hard prompts: always flawed
+    assert not any(ok[True]) and len(ok[True]) > 300           # hard prompts: always flawed ...
+    for r in rows["train"]:                                     # ... where they add the last term (L: step 3)
+        nums = [int(x) for x in r["question"].rstrip("=?").split("+")]
+        steps = [tuple(map(int, re.split("[+=]", m))) for m in re.findall(r"\d+\+\d+=\d+", r["solution"])]
+        wrong = [i for i, (x, y, z) in enumerate(steps) if x + y != z]
+        if is_hard(nums, s):
+            assert wrong == [2] and steps[2][1] == nums[-1], r
+        else:
+            assert wrong in ([], [1]), r
     assert abs(sum(ok[False]) / len(ok[False]) - (1 - s.flawed_fraction)) < 0.05
-    assert starts == {True, False}                              # R starts from the last term
+    assert {", ", "; "} <= {m for r in rows["train"] for m in re.findall(r"[,;] ", r["solution"])}
     for r in rows["test"]:                                      # held-out rows carry a correct solution
         assert compute_score("synthetic_arith", r["solution"], r["answer"]) == 1.0
+
+
+def test_three_orders_in_the_demonstrations():
+    s = load_config(None, ["data.synthetic.orders=LRP", "data.synthetic.num_train=300"]).data.synthetic
+    starts = set()
+    for r in generate_rows(s, seed=0)["train"]:
+        nums = [int(x) for x in r["question"].rstrip("=?").split("+")]
+        first = tuple(map(int, re.findall(r"\d+", r["solution"])[:2]))
+        starts.add("R" if first == (nums[3], nums[2]) and nums[:2] != [nums[3], nums[2]] else "LP")
+    assert starts == {"R", "LP"}
 
 
 def test_chain_task_is_unchanged():
@@ -84,3 +103,17 @@ def test_rl_seed_does_not_change_the_base_model_data_or_warm_start_keys(tmp_path
     assert (a["base_dir"], a["dataset_dir"]) == (b["base_dir"], b["dataset_dir"]) and b["data_reused"]
     c = prepare_base_and_data(load_config(None, common + ["seed=0", "base_seed=1"]))
     assert c["base_dir"] != a["base_dir"] and c["dataset_dir"] != a["dataset_dir"]
+
+
+def test_a_new_generator_version_is_a_new_dataset(tmp_path, monkeypatch):
+    """Changed generator code with an unchanged config must not reuse the cached rows (nor the
+    warm-start trained on them)."""
+    import resrl.synthetic
+    from resrl.prepare import prepare_base_and_data
+
+    cfg = load_config(None, [f"run.cache_dir={tmp_path}", "data.synthetic.num_train=64", "data.synthetic.num_test=16",
+                             "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64", "model.tiny.num_layers=1"])
+    a = prepare_base_and_data(cfg)
+    monkeypatch.setattr(resrl.synthetic, "VERSION", resrl.synthetic.VERSION + 1)
+    b = prepare_base_and_data(cfg)
+    assert b["dataset_dir"] != a["dataset_dir"] and not b["data_reused"]
