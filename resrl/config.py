@@ -208,7 +208,7 @@ def _check(ok: bool, key: str, rule: str, value: Any) -> None:
 def validate(cfg: DictConfig) -> None:
     """Check values; raises ConfigError naming the key and showing its value. Loads no model."""
     from resrl import synthetic  # local: keeps import light
-    from resrl.algorithms import ALGORITHMS, LOSS_AGGREGATIONS
+    from resrl.algorithms import ALGORITHMS, LOSS_AGGREGATIONS, ROLLOUT_CORRECTIONS
     from resrl.data import DATA_SOURCES
 
     a, r, t, e, loss = cfg.algorithm, cfg.rollout, cfg.trainer, cfg.eval, cfg.loss
@@ -243,6 +243,11 @@ def validate(cfg: DictConfig) -> None:
            "loss.dual_clip", "> 1 or null", loss.dual_clip)
     _check(loss.kl_type in ("k1", "k2", "k3"), "loss.kl_type", "k1, k2 or k3", loss.kl_type)
     _check(loss.kl_coef >= 0, "loss.kl_coef", ">= 0", loss.kl_coef)
+    rc = loss.rollout_correction
+    _check(rc.mode in ROLLOUT_CORRECTIONS, "loss.rollout_correction.mode", f"one of {', '.join(ROLLOUT_CORRECTIONS)}",
+           rc.mode)
+    _check(rc.cap >= 1.0, "loss.rollout_correction.cap", ">= 1", rc.cap)
+    _check(0.0 <= rc.low <= 1.0, "loss.rollout_correction.low", "in [0, 1]", rc.low)
     _check(t.steps >= 0, "trainer.steps", ">= 0", t.steps)
     _check(t.lr > 0, "trainer.lr", "> 0", t.lr)
     _check(t.adam_eps > 0, "trainer.adam_eps", "> 0", t.adam_eps)
