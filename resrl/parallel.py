@@ -115,6 +115,12 @@ def start(device: str):
         return _CHANNEL
     rank, size = world()
     set_engine_defaults()
+    if device == "cpu":  # this rank's own share of the machine's cores (resrl/cores.py)
+        from resrl import cores
+
+        share = cores.local_rank_share()
+        if share is not None:
+            cores.apply_share(share)
     try:
         init_distributed(device)
         # A first collective proves every peer is there (init itself may return before that).
