@@ -234,6 +234,10 @@ def validate(cfg: DictConfig) -> None:
     _check(0 < r.top_p <= 1, "rollout.top_p", "in (0, 1]", r.top_p)
     _check(r.top_k == -1 or r.top_k >= 1, "rollout.top_k", "-1 (off) or >= 1", r.top_k)
     _check(r.max_tokens >= 1, "rollout.max_tokens", ">= 1", r.max_tokens)
+    from resrl.rollout import ROLLOUT_BACKENDS
+
+    _check(r.backend in ROLLOUT_BACKENDS, "rollout.backend", f"one of {', '.join(ROLLOUT_BACKENDS)}", r.backend)
+    _check(r.max_num_seqs >= 1, "rollout.max_num_seqs", ">= 1", r.max_num_seqs)
     _check(r.kv_cache_gb > 0, "rollout.kv_cache_gb", "> 0", r.kv_cache_gb)
     _check(0 < r.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization", "in (0, 1]", r.gpu_memory_utilization)
     _check(loss.agg in LOSS_AGGREGATIONS, "loss.agg", f"one of {', '.join(LOSS_AGGREGATIONS)}", loss.agg)
