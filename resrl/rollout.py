@@ -233,6 +233,11 @@ class HFRolloutEngine:
                                - {None})
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0]
         self.max_num_seqs = max_num_seqs
+        from transformers import GenerationConfig
+
+        # generate() fills the unset fields of the config it is given from the model's own (a hub
+        # model's repetition_penalty, say, would then change the distribution sampled from): none
+        self.model.generation_config = GenerationConfig(eos_token_id=self.stop_ids, pad_token_id=self.pad_id)
 
     @classmethod
     def for_run(cls, policy_dir: str, cfg, longest_prompt: int) -> "HFRolloutEngine":

@@ -99,3 +99,24 @@ def test_session_step_with_the_hf_backend(workdir, smoke_prepared):
         assert gap["sampler_logp_diff_max"] < 1e-4, gap  # the update reached the sampler
     finally:
         s.close()
+
+
+def test_hf_ignores_the_model_folders_generation_settings(micro_model, tmp_path):
+    """generate() would fill its config from the folder's generation_config.json: a repetition
+    penalty there would change the distribution sampled from, and the log-probs with it."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    folder = tmp_path / "penalized"
+    shutil.copytree(micro_model, folder)
+    GenerationConfig(repetition_penalty=3.0, eos_token_id=0).save_pretrained(folder)
+    engine = HFRolloutEngine(str(folder), dtype="float32", device="cpu", max_num_seqs=64)
+    prompt = [5, 6, 7, 5, 6, 7]
+    ids, _, logp = engine.generate([prompt], n=1, temperature=0.8, top_p=1.0, top_k=-1, max_tokens=10, seed=1,
+                                   logprobs=True)[0][0]
+    model = AutoModelForCausalLM.from_pretrained(micro_model)
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + ids])).logits[0, len(prompt) - 1:-1] / 0.8
+    want = logits.log_softmax(-1).gather(-1, torch.tensor(ids)[:, None]).squeeze(-1)
+    assert float((want - torch.tensor(logp)).abs().max()) < 1e-5
