@@ -72,7 +72,7 @@ def _child(how: str, env: dict[str, str]) -> dict:
             if k not in ("OMP_NUM_THREADS", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "RESRL_PIN_CORES", "RESRL_CORES",
                          "RESRL_THREAD_CAP")}
     out = subprocess.run([sys.executable, "-c", CHILD.format(how=how)], env={**base, "PYTHONPATH": str(ROOT), **env},
-                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
