@@ -14,6 +14,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from prefect import flow, get_run_logger
 
+from resrl import cores
 from resrl.config import ConfigError, run_dir, run_name, to_dict
 from resrl.run_state import RunState
 from resrl.sweep import SweepPoint, load_sweep
@@ -26,6 +27,14 @@ def _point_config(point, sweep_id: str, parent_id: str) -> dict:
     config["run"]["sweep_id"] = sweep_id
     config["run"]["parent_run_id"] = parent_id
     return config
+
+
+def lane_env(lane: int, lanes: int) -> dict[str, str]:
+    """The environment that gives sweep lane `lane` of `lanes` its own share of this machine's cores
+    (resrl/cores.py); empty with RESRL_PIN_CORES=0."""
+    if not cores.enabled():
+        return {}
+    return cores.core_share(lane, lanes, cores.available_cores(), cap=cores.user_thread_cap()).env()
 
 
 @flow(name="resrl-sweep-lane")
@@ -41,6 +50,7 @@ def lane_flow(configs: list[dict], claims_dir: str) -> None:
     from flows.train import train_flow
     from resrl.config import config_hash, from_dict
 
+    cores.apply_from_env()  # this lane's share of the cores (torch threads, affinity), before any engine
     logger = get_run_logger()
     for config in configs:
         key = config_hash(from_dict(config))
@@ -84,9 +94,15 @@ def sweep_flow(sweep_file: str, overrides: list[str] | None = None) -> dict:
     child_env = {"PREFECT_API_URL": str(get_client(sync_client=True).api_url).rstrip("/")}
     claims = Path(tempfile.mkdtemp(prefix=f"resrl-{sweep.sweep_id}-"))
     configs = [_point_config(p, sweep.sweep_id, parent_id) for p in pending]
-    lanes = [run_flow_in_subprocess(lane_flow, env=child_env,
-                                    parameters={"configs": configs, "claims_dir": str(claims)})
-             for _ in range(min(sweep.concurrency, len(pending)))]
+    n_lanes = min(sweep.concurrency, len(pending))
+    lanes = []
+    for i in range(n_lanes):
+        env = {**child_env, **lane_env(i, n_lanes)}
+        with cores.environ(env):  # inherited from the lane's first instruction (its OpenMP runtime reads it at start)
+            lanes.append(run_flow_in_subprocess(lane_flow, env=env,
+                                                parameters={"configs": configs, "claims_dir": str(claims)}))
+        if env.get("RESRL_CORES"):
+            logger.info("lane %d: cores %s, %s threads", i, env["RESRL_CORES"], env["OMP_NUM_THREADS"])
     logger.info("%d points to train in %d lane process(es)", len(pending), len(lanes))
     for lane in lanes:
         lane.join()

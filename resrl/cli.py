@@ -130,9 +130,11 @@ def _train(args) -> int:
         # Start the ranks on this machine: torchrun runs this same command in each of them.
         import subprocess
 
+        from resrl import cores
+
         cmd = parallel.launcher_command(cfg, args.argv)
         print(f"resrl: starting {cfg.trainer.num_processes} data-parallel ranks with torchrun", flush=True)
-        return subprocess.call(cmd)
+        return subprocess.call(cmd, env={**os.environ, **cores.launcher_env(cfg.trainer.num_processes)})
     parallel.check_launch(cfg)
     if cfg.trainer.num_processes > 1:
         from resrl.devices import resolve_device

@@ -208,7 +208,7 @@ def _check(ok: bool, key: str, rule: str, value: Any) -> None:
 def validate(cfg: DictConfig) -> None:
     """Check values; raises ConfigError naming the key and showing its value. Loads no model."""
     from resrl import synthetic  # local: keeps import light
-    from resrl.algorithms import ALGORITHMS, LOSS_AGGREGATIONS
+    from resrl.algorithms import ALGORITHMS, LOSS_AGGREGATIONS, ROLLOUT_CORRECTIONS
     from resrl.data import DATA_SOURCES
 
     a, r, t, e, loss = cfg.algorithm, cfg.rollout, cfg.trainer, cfg.eval, cfg.loss
@@ -235,6 +235,10 @@ def validate(cfg: DictConfig) -> None:
     _check(0 < r.top_p <= 1, "rollout.top_p", "in (0, 1]", r.top_p)
     _check(r.top_k == -1 or r.top_k >= 1, "rollout.top_k", "-1 (off) or >= 1", r.top_k)
     _check(r.max_tokens >= 1, "rollout.max_tokens", ">= 1", r.max_tokens)
+    from resrl.rollout import ROLLOUT_BACKENDS
+
+    _check(r.backend in ROLLOUT_BACKENDS, "rollout.backend", f"one of {', '.join(ROLLOUT_BACKENDS)}", r.backend)
+    _check(r.max_num_seqs >= 1, "rollout.max_num_seqs", ">= 1", r.max_num_seqs)
     _check(r.kv_cache_gb > 0, "rollout.kv_cache_gb", "> 0", r.kv_cache_gb)
     _check(0 < r.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization", "in (0, 1]", r.gpu_memory_utilization)
     _check(loss.agg in LOSS_AGGREGATIONS, "loss.agg", f"one of {', '.join(LOSS_AGGREGATIONS)}", loss.agg)
@@ -244,6 +248,11 @@ def validate(cfg: DictConfig) -> None:
            "loss.dual_clip", "> 1 or null", loss.dual_clip)
     _check(loss.kl_type in ("k1", "k2", "k3"), "loss.kl_type", "k1, k2 or k3", loss.kl_type)
     _check(loss.kl_coef >= 0, "loss.kl_coef", ">= 0", loss.kl_coef)
+    rc = loss.rollout_correction
+    _check(rc.mode in ROLLOUT_CORRECTIONS, "loss.rollout_correction.mode", f"one of {', '.join(ROLLOUT_CORRECTIONS)}",
+           rc.mode)
+    _check(rc.cap >= 1.0, "loss.rollout_correction.cap", ">= 1", rc.cap)
+    _check(0.0 <= rc.low <= 1.0, "loss.rollout_correction.low", "in [0, 1]", rc.low)
     _check(t.steps >= 0, "trainer.steps", ">= 0", t.steps)
     _check(t.lr > 0, "trainer.lr", "> 0", t.lr)
     _check(t.adam_eps > 0, "trainer.adam_eps", "> 0", t.adam_eps)

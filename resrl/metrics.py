@@ -66,20 +66,24 @@ def sampler_agreement(trainer_logp, sampler_logp, mask) -> dict[str, float]:
     """How far the trainer's log-probs of the sampled tokens are from the sampler's.
 
     All (B, T); `sampler_logp` is NaN where the sampler gave none. Returns the mean and
-    max absolute difference and the mean token importance ratio pi_trainer / pi_sampler
+    max absolute difference, the mean and max token importance ratio pi_trainer / pi_sampler
     (1 when they agree; verl and TRL log the same figure to catch a stale weight sync or
-    a numerics mismatch between the inference engine and the trainer).
+    a numerics mismatch between the inference engine and the trainer; it is the ratio the
+    rollout correction weights with), and k3's estimate of KL(sampler || trainer) per token
+    (rho - 1 - log rho, from the sampler's own samples: unbiased, >= 0).
     """
     import torch
 
+    keys = ("sampler_logp_diff_mean", "sampler_logp_diff_max", "sampler_ratio_mean", "sampler_ratio_max",
+            "sampler_kl_k3")
     valid = mask.bool() & ~torch.isnan(sampler_logp)
     if not bool(valid.any()):
-        nan = float("nan")
-        return {"sampler_logp_diff_mean": nan, "sampler_logp_diff_max": nan, "sampler_ratio_mean": nan}
+        return dict.fromkeys(keys, float("nan"))
     diff = (trainer_logp.double() - sampler_logp.double())[valid]
-    return {"sampler_logp_diff_mean": float(diff.abs().mean()),
-            "sampler_logp_diff_max": float(diff.abs().max()),
-            "sampler_ratio_mean": float(diff.clamp(-20, 20).exp().mean())}
+    log_rho = diff.clamp(-20, 20)
+    rho = log_rho.exp()
+    return dict(zip(keys, (float(diff.abs().mean()), float(diff.abs().max()), float(rho.mean()), float(rho.max()),
+                           float((rho - 1.0 - log_rho).mean()))))
 
 
 def evaluation_metrics(correct: Sequence[Sequence[bool]], texts: Sequence[Sequence[str]],

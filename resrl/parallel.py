@@ -115,6 +115,12 @@ def start(device: str):
         return _CHANNEL
     rank, size = world()
     set_engine_defaults()
+    if device == "cpu":  # this rank's own share of the machine's cores (resrl/cores.py)
+        from resrl import cores
+
+        share = cores.local_rank_share()
+        if share is not None:
+            cores.apply_share(share)
     try:
         init_distributed(device)
         # A first collective proves every peer is there (init itself may return before that).
@@ -296,6 +302,8 @@ class DataParallelTrainer(PolicyTrainer):
         n_micro = max(1, max(math.ceil(len(s) / mbs) for s in shares))
         mine = shares[self.rank]
         keys = list(_SUMMED) + (["kl_ref"] if scored.ref_logp is not None and self.cfg.loss.kl_coef else [])
+        if self.cfg.loss.rollout_correction.mode != "none" and batch.sampler_logp is not None:
+            keys += ["rollout_corr/weight_mean", "rollout_corr/changed_frac"]
         local = Counter(dict.fromkeys(keys, 0.0))
         total, norm = 0.0, float("nan")
         for k in range(n_micro):

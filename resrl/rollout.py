@@ -1,7 +1,14 @@
-"""Sampling from the current policy with an in-process vLLM engine.
+"""Sampling from the current policy: an in-process vLLM engine, or Hugging Face `generate`.
+
+`rollout.backend` picks one (`make_rollout_engine`, the one place that chooses): `vllm`,
+`hf`, or `auto` (vLLM on CUDA; on the CPU whichever measured faster on the embedded testbed,
+`CPU_AUTO_BACKEND`, see README). Both have the same interface - `generate(prompt_token_ids,
+n=, temperature=, top_p=, top_k=, max_tokens=, seed=, logprobs=)`, `load_weights(named)`,
+`close()` - sample prompt i with seed + i, and return the sampler's log-prob of each sampled
+token (after temperature, top-k and top-p: the distribution sampled from).
 
 The engine is built once per run and never restarted: after each update the
-trainer's weights are copied into it in place (`reload_weights`).
+trainer's weights are copied into it in place.
 """
 from __future__ import annotations
 
@@ -53,7 +60,34 @@ def quiet_vllm() -> None:
                             category=FutureWarning)
 
 
+ROLLOUT_BACKENDS = ("auto", "vllm", "hf")
+CPU_AUTO_BACKEND = "vllm"  # the training step's rollout measured faster with vLLM on the CPU testbed (README, "Rollout backends")
+
+
+def resolve_backend(backend: str, device: str) -> str:
+    """The backend `rollout.backend` means on `device` ("cpu" or "cuda")."""
+    if backend not in ROLLOUT_BACKENDS:
+        raise ValueError(f"unknown rollout backend {backend!r}; choose one of {ROLLOUT_BACKENDS}")
+    if backend != "auto":
+        return backend
+    return "vllm" if device == "cuda" else CPU_AUTO_BACKEND
+
+
+def make_rollout_engine(policy_dir: str, cfg, longest_prompt: int):
+    """The run's sampler, as `rollout.backend` asks: the one place that chooses."""
+    from resrl.devices import resolve_device
+
+    from omegaconf import OmegaConf
+
+    backend = OmegaConf.select(cfg, "rollout.backend", default="auto")  # a run logged before the key existed
+    if resolve_backend(backend, resolve_device(cfg.trainer.device)) == "hf":
+        return HFRolloutEngine.for_run(policy_dir, cfg, longest_prompt)
+    return RolloutEngine.for_run(policy_dir, cfg, longest_prompt)
+
+
 class RolloutEngine:
+    """vLLM, in this process."""
+
     def __init__(self, model_path: str, rollout_cfg, *, dtype: str, max_model_len: int, seed: int,
                  executor: str | None = None):
         set_engine_defaults()
@@ -115,6 +149,16 @@ class RolloutEngine:
             return [pos[t].logprob for pos, t in zip(c.logprobs, c.token_ids)] if logprobs else None
         return [[(list(c.token_ids), c.text, sampled(c)) for c in out.outputs] for out in outputs]
 
+    def warm_up(self, prompt_token_ids: list[int]) -> None:
+        """One tiny request, so that the engine's first-call set-up is paid at its start and not
+        inside the first timed rollout; its cached prefix is dropped again."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        self.llm.generate([TokensPrompt(prompt_token_ids=list(prompt_token_ids))],
+                          SamplingParams(n=1, max_tokens=2, seed=0, logprobs=0), use_tqdm=False)
+        self.llm.reset_prefix_cache()
+
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy new policy weights into the running engine."""
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(named_tensors)})
@@ -132,3 +176,133 @@ class RolloutEngine:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+class _GumbelSampler:
+    """A logits processor that turns Hugging Face's greedy decoding into sampling with one seeded
+    generator per prompt: it returns log pi(.) + Gumbel noise, whose argmax is a sample from pi
+    (the Gumbel-max trick), where pi is the processed distribution (temperature, top-k, top-p).
+    It records log pi of the token it picks. Prompt i's noise at step t is the t-th draw of its
+    generator whatever else is in the batch, so samples do not depend on batching."""
+
+    def __init__(self, seeds: list[int], n: int, temperature: float, top_p: float, top_k: int, device):
+        self.gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        self.n, self.temperature, self.top_p, self.top_k = n, temperature, top_p, top_k
+        self.picked_logp: list[torch.Tensor] = []
+
+    def processed_logp(self, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        if self.temperature > 0:
+            logits = logits / self.temperature
+        if 0 < self.top_k < logits.shape[-1]:
+            kth = logits.topk(self.top_k, dim=-1).values[..., -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if self.top_p < 1.0:
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+            probs = sorted_logits.softmax(-1)
+            # drop a token when the more likely ones alone already reach top_p (always keep the first)
+            drop_sorted = (probs.cumsum(-1) - probs) >= self.top_p
+            logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+        return logits.log_softmax(-1)
+
+    def __call__(self, input_ids, scores):
+        logp = self.processed_logp(scores)
+        if self.temperature > 0:
+            noise = torch.cat([torch.rand((self.n, logp.shape[-1]), generator=g, device=logp.device)
+                               for g in self.gens]).clamp_(1e-20, 1.0 - 1e-7)
+            out = logp - (-noise.log()).log()  # + Gumbel(0, 1)
+        else:
+            out = logp
+        picked = out.argmax(-1)
+        self.picked_logp.append(logp.gather(-1, picked[:, None]).squeeze(-1))
+        return out
+
+
+class HFRolloutEngine:
+    """Hugging Face `generate` on a copy of the policy, in this process."""
+
+    def __init__(self, model_path: str, *, dtype: str, device: str, max_num_seqs: int):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.device = torch.device(device)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(self.device)
+        self.model.eval().requires_grad_(False)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
+        self.stop_ids = sorted({self.tokenizer.eos_token_id, *(gen_eos if isinstance(gen_eos, list) else [gen_eos])}
+                               - {None})
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0]
+        self.max_num_seqs = max_num_seqs
+        from transformers import GenerationConfig
+
+        # generate() fills the unset fields of the config it is given from the model's own (a hub
+        # model's repetition_penalty, say, would then change the distribution sampled from): none
+        self.model.generation_config = GenerationConfig(eos_token_id=self.stop_ids, pad_token_id=self.pad_id)
+
+    @classmethod
+    def for_run(cls, policy_dir: str, cfg, longest_prompt: int) -> "HFRolloutEngine":
+        from resrl.devices import resolve_device, resolve_dtype
+
+        device = resolve_device(cfg.trainer.device)
+        dtype = str(resolve_dtype(cfg.model.dtype, device)).replace("torch.", "")
+        return cls(policy_dir, dtype=dtype, device=device, max_num_seqs=cfg.rollout.max_num_seqs)
+
+    @torch.no_grad()
+    def generate(self, prompt_token_ids: list[list[int]], *, n: int, temperature: float, top_p: float,
+                 top_k: int, max_tokens: int, seed: int, logprobs: bool = False):
+        """As RolloutEngine.generate: per prompt, n tuples (token_ids, text, logprobs or None);
+        prompt i samples with seed + i. Prompts go through in chunks of at most
+        `rollout.max_num_seqs` sequences."""
+        per_chunk = max(1, self.max_num_seqs // n)
+        out = []
+        for start in range(0, len(prompt_token_ids), per_chunk):
+            chunk = prompt_token_ids[start:start + per_chunk]
+            out += self._generate(chunk, n=n, temperature=temperature, top_p=top_p, top_k=top_k,
+                                  max_tokens=max_tokens, seeds=[seed + start + i for i in range(len(chunk))],
+                                  logprobs=logprobs)
+        return out
+
+    def _generate(self, prompts, *, n, temperature, top_p, top_k, max_tokens, seeds, logprobs):
+        from transformers import GenerationConfig, LogitsProcessorList
+
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts) * n, width), self.pad_id, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):
+            ids[i * n:(i + 1) * n, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            attn[i * n:(i + 1) * n, width - len(p):] = 1
+        sampler = _GumbelSampler(seeds, n, temperature, top_p, top_k, self.device)
+        config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_tokens,
+                                  eos_token_id=self.stop_ids, pad_token_id=self.pad_id)
+        new = self.model.generate(input_ids=ids.to(self.device), attention_mask=attn.to(self.device),
+                                  generation_config=config, logits_processor=LogitsProcessorList([sampler]))
+        new = new[:, width:].cpu()
+        picked = torch.stack(sampler.picked_logp, dim=1).float().cpu() if sampler.picked_logp else None
+        stops = torch.tensor(self.stop_ids)
+        results = []
+        for i in range(len(prompts)):
+            samples = []
+            for r in range(i * n, (i + 1) * n):
+                row = new[r].tolist()
+                hit = torch.isin(new[r], stops).nonzero()
+                length = int(hit[0]) + 1 if len(hit) else len(row)  # up to and with the stop token
+                tokens = row[:length]
+                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                samples.append((tokens, text, picked[r, :length].tolist() if logprobs else None))
+            results.append(samples)
+        return results
+
+    def warm_up(self, prompt_token_ids: list[int]) -> None:
+        """One tiny request (the first call of `generate` sets up its caches and kernels)."""
+        self._generate([prompt_token_ids], n=1, temperature=1.0, top_p=1.0, top_k=-1, max_tokens=2, seeds=[0],
+                       logprobs=True)
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy new policy weights into the sampler's model."""
+        self.model.load_state_dict(dict(named_tensors), strict=True)
+
+    def close(self) -> None:
+        del self.model
+        import gc
+
+        gc.collect()

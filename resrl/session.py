@@ -19,7 +19,7 @@ from resrl.evaluation import evaluate, score_samples
 from resrl.metrics import rollout_metrics
 from resrl.parallel import group_share, lead, make_trainer, world
 from resrl.rewards import is_correct, load_reward_function, math_equiv
-from resrl.rollout import RolloutEngine
+from resrl.rollout import make_rollout_engine
 
 
 _SESSIONS: dict[str, "TrainingSession"] = {}
@@ -71,7 +71,8 @@ class TrainingSession:
             from resrl.deepspeed_setup import init_distributed
 
             init_distributed(resolve_device(cfg.trainer.device))
-        self.engine = RolloutEngine.for_run(policy_dir, cfg, longest_prompt)
+        self.engine = make_rollout_engine(policy_dir, cfg, longest_prompt)
+        self.engine.warm_up(self.train_set[0]["prompt_token_ids"])  # not inside the first timed rollout
         self.trainer = make_trainer(policy_dir, cfg, rollout_batch_size=cfg.rollout.prompts_per_step * cfg.rollout.n)
         self.start_step = self.trainer.load_checkpoint(Path(checkpoint_dir)) if checkpoint_dir else 0
         self.eos_id = self.trainer.tokenizer.eos_token_id

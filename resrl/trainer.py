@@ -266,12 +266,16 @@ class PolicyTrainer:
 
         def take(x):  # this micro-batch's rows, trimmed to its response width
             return x[mrows, :w].to(self.device)
+        rc = cfg.loss.rollout_correction
+        sampler = batch.sampler_logp_tensor() if rc.mode != "none" else None
         return policy_loss(
             logp, take(scored.logp), take(adv), take(coef), mask,
             clip_low=cfg.loss.clip_low, clip_high=cfg.loss.clip_high, dual_clip=cfg.loss.dual_clip,
             entropy=entropy, entropy_coef=cfg.loss.entropy_coef,
             ref_logp=take(scored.ref_logp) if scored.ref_logp is not None else None,
-            kl_coef=cfg.loss.kl_coef, kl_type=cfg.loss.kl_type)
+            kl_coef=cfg.loss.kl_coef, kl_type=cfg.loss.kl_type,
+            sampler_logp=take(sampler) if sampler is not None else None, rollout_correction=rc.mode,
+            correction_cap=rc.cap, correction_low=rc.low)
 
     @torch.no_grad()
     def positive_logp(self, batch: RolloutBatch) -> torch.Tensor:

@@ -107,12 +107,12 @@ def evaluate_checkpoint(config: dict, ckpt_dir: str) -> dict:
     from resrl.evaluation import evaluate
     from resrl.prepare import prepare_base_and_data
     from resrl.rewards import load_reward_function
-    from resrl.rollout import RolloutEngine
+    from resrl.rollout import make_rollout_engine
 
     cfg = from_dict(config)
     step = step_of(Path(ckpt_dir))
     test = load_prepared(prepare_base_and_data(cfg)["dataset_dir"])["test"]
-    engine = RolloutEngine.for_run(str(policy_dir(Path(ckpt_dir))), cfg, max(len(p) for p in test["prompt_token_ids"]))
+    engine = make_rollout_engine(str(policy_dir(Path(ckpt_dir))), cfg, max(len(p) for p in test["prompt_token_ids"]))
     try:
         metrics, samples = evaluate(engine, test, cfg.eval, load_reward_function(cfg.reward.function), cfg.seed, step,
                                     max_error_fraction=OmegaConf.select(cfg, "reward.max_error_fraction", default=1.0))

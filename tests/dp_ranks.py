@@ -89,16 +89,19 @@ def session(config_json: str, prepared_json: str, out: Path) -> None:
     from resrl.session import close_session, open_session
 
     rank, size = parallel.world()
-    from resrl.rollout import RolloutEngine
+    from resrl.rollout import HFRolloutEngine, RolloutEngine
 
-    generate, asked = RolloutEngine.generate, []
+    asked = []
 
-    def recording(self, prompt_token_ids, **kwargs):  # which prompts this rank's engine sampled
-        asked.extend(list(p) for p in prompt_token_ids)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f"rank{rank}_prompts.json").write_text(json.dumps(asked))
-        return generate(self, prompt_token_ids, **kwargs)
-    RolloutEngine.generate = recording
+    def recording(generate):
+        def record(self, prompt_token_ids, **kwargs):  # which prompts this rank's engine sampled
+            asked.extend(list(p) for p in prompt_token_ids)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / f"rank{rank}_prompts.json").write_text(json.dumps(asked))
+            return generate(self, prompt_token_ids, **kwargs)
+        return record
+    for cls in (RolloutEngine, HFRolloutEngine):  # whichever rollout.backend the config picks
+        cls.generate = recording(cls.generate)
     parallel.start("cpu")
     if rank > 0:
         parallel.follow()

@@ -38,6 +38,10 @@ def test_leaf_under_wrong_section_is_suggested():
     ("trainer.lr=abc", "trainer.lr"),
     ("rollout.prompts_per_step=3 rollout.n=3", "divisible"),
     ("trainer.zero_stage=4", "zero_stage"),
+    ("loss.rollout_correction.mode=tis", "loss.rollout_correction.mode"),
+    ("loss.rollout_correction.cap=0.5", "loss.rollout_correction.cap must be >= 1"),
+    ("loss.rollout_correction.low=1.5", "loss.rollout_correction.low must be in"),
+    ("rollout.backend=sglang", "rollout.backend must be one of auto, vllm, hf"),
 ])
 def test_bad_values(override, needle):
     with pytest.raises(ConfigError, match=needle):

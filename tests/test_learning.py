@@ -17,10 +17,16 @@ import torch
 
 from resrl.config import load_config
 from resrl.metrics import sampler_agreement
-from resrl.rollout import RolloutEngine
+from resrl.rollout import HFRolloutEngine, RolloutEngine
 from resrl.trainer import PolicyTrainer
 
-sync = RolloutEngine.load_weights  # the real one: restarts and evaluations sync even when a test breaks it
+# the real ones (either rollout.backend): restarts and evaluations sync even when a test breaks it
+_SYNC = {cls: cls.load_weights for cls in (RolloutEngine, HFRolloutEngine)}
+
+
+def sync(engine, named) -> None:
+    _SYNC[type(engine)](engine, named)
+
 from conftest import ROOT, smoke_overrides
 
 # GRPO on the smoke policy with a bigger batch; everything else as conf/smoke.yaml.
@@ -81,7 +87,7 @@ def test_flipped_advantage_sign_does_not_learn(learner, monkeypatch):
 
 
 def test_skipped_weight_sync_does_not_learn(learner, monkeypatch):
-    monkeypatch.setattr(RolloutEngine, "load_weights", lambda self, named: None)  # the per-step sync
+    monkeypatch.setattr(type(learner.engine), "load_weights", lambda self, named: None)  # the per-step sync
     assert pass_rate_gain(learner) < MARGIN
 
 

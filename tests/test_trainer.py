@@ -190,3 +190,29 @@ def test_psr_and_nsr_train_on_their_own_samples_only(micro_model, name, sign):
         torch.testing.assert_close(v, want[k], atol=1e-6, rtol=1e-5)
     grpo = trainer_for(micro_model, "algorithm.name=grpo", "trainer.mini_batches=1")
     assert grpo.train_step(batch, 1)["update_samples"] == len(batch)  # group algorithms keep every sample
+
+
+def test_rollout_correction_reaches_the_update(micro_model):
+    """The trainer hands the batch's sampler log-probs to the loss: a sampler that agrees with the
+    trainer leaves the update as it is; one that disagrees changes it and is reported."""
+    batch = make_batch(seed=9)
+    args = ("algorithm.name=grpo", "trainer.mini_batches=1")
+    logp = trainer_for(micro_model, *args).score(batch).logp
+
+    def update(mode, sampler_logp):
+        batch.sampler_logp = [sampler_logp[i, :len(r)].tolist() for i, r in enumerate(batch.response_ids)]
+        t = trainer_for(micro_model, *args, f"loss.rollout_correction.mode={mode}")
+        metrics = t.train_step(batch, 1)
+        return dict(t.named_weights()), metrics
+
+    plain, _ = update("none", logp)
+    agreeing, metrics = update("token_tis", logp)
+    assert metrics["rollout_corr/changed_frac"] == 0.0 and metrics["rollout_corr/weight_mean"] == pytest.approx(1.0)
+    for k, v in agreeing.items():
+        torch.testing.assert_close(v, plain[k], atol=1e-7, rtol=0)
+    off = logp.clone()
+    off[::2] -= 1.0  # every other sample: the sampler gave its tokens e^-1 of the trainer's probability
+    assert update("none", off)[1]["sampler_ratio_max"] == pytest.approx(math.e, rel=1e-5)
+    corrected, metrics = update("token_tis", off)
+    assert metrics["rollout_corr/changed_frac"] > 0.3  # ratio e > cap 2 on those samples' tokens
+    assert any(not torch.allclose(v, plain[k], atol=1e-6) for k, v in corrected.items())

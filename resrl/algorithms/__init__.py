@@ -6,9 +6,11 @@ from resrl.algorithms.registry import ALGORITHMS, Algorithm, get_algorithm, regi
 from resrl.algorithms.residual import ResidualStats, residual_token_weights
 from resrl.algorithms.losses import (
     LOSS_AGGREGATIONS,
+    ROLLOUT_CORRECTIONS,
     clipped_token_loss,
     kl_estimate,
     policy_loss,
+    rollout_correction_weights,
     token_coefficients,
 )
 from resrl.algorithms import advantages as _builtins  # noqa: F401  (registers the built-in algorithms)
@@ -16,5 +18,6 @@ from resrl.algorithms import advantages as _builtins  # noqa: F401  (registers t
 __all__ = [
     "ALGORITHMS", "Algorithm", "get_algorithm", "register_algorithm",
     "ResidualStats", "residual_token_weights",
-    "LOSS_AGGREGATIONS", "clipped_token_loss", "kl_estimate", "policy_loss", "token_coefficients",
+    "LOSS_AGGREGATIONS", "ROLLOUT_CORRECTIONS", "clipped_token_loss", "kl_estimate", "policy_loss",
+    "rollout_correction_weights", "token_coefficients",
 ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+ROLLOUT_CORRECTIONS = ("none", "token_tis", "seq_tis", "token_mis", "seq_mis")
 
 
 def token_coefficients(mask: torch.Tensor, agg: str, max_len: int | None = None) -> torch.Tensor:
@@ -49,6 +50,45 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) -> torch.
     raise ValueError(f"unknown KL estimator {kind!r}; choose k1, k2 or k3")
 
 
+def rollout_correction_weights(old_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor, *,
+                               mode: str, cap: float = 2.0, low: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token weights (B, T) that correct for sampling from the rollout engine's policy
+    (log-probs `sampler_logp`) instead of the trainer's old policy (`old_logp`).
+
+    The importance ratio is rho = pi_old / pi_sampler, per token or, for the `seq_*` modes,
+    per sequence (the product over its tokens, given to each of them):
+
+    none       1 everywhere
+    token_tis  min(rho_t, cap)                      truncated IS (Yao et al. 2025)
+    seq_tis    min(rho_seq, cap)
+    token_mis  rho_t if low <= rho_t <= cap else 0  masked IS: tokens outside the band get no gradient
+    seq_mis    rho_seq if low <= rho_seq <= cap else 0 (the whole sequence)
+
+    Tokens outside `mask`, and tokens the sampler gave no log-prob for (NaN), count as
+    rho = 1. The weights carry no gradient. Also returns the bool (B, T) map of the
+    response tokens whose weight the cap or the band changed (truncated or masked).
+    """
+    if mode not in ROLLOUT_CORRECTIONS:
+        raise ValueError(f"unknown rollout correction {mode!r}; choose one of {ROLLOUT_CORRECTIONS}")
+    valid = mask.bool() & ~torch.isnan(sampler_logp)
+    if mode == "none":
+        return torch.ones_like(old_logp), torch.zeros_like(valid)
+    with torch.no_grad():
+        log_rho = torch.where(valid, old_logp.detach().double() - sampler_logp.double(), 0.0)
+        if mode.startswith("seq"):
+            log_rho = log_rho.sum(dim=1, keepdim=True).expand_as(log_rho)
+        rho = log_rho.clamp(-20.0, 20.0).exp()
+        if mode.endswith("tis"):
+            weights = rho.clamp(max=cap)
+            changed = rho > cap
+        else:
+            kept = (rho >= low) & (rho <= cap)
+            weights = torch.where(kept, rho, 0.0)
+            changed = ~kept
+        changed = changed & mask.bool()
+        return torch.where(mask.bool(), weights, 1.0).to(old_logp.dtype), changed
+
+
 def clipped_token_loss(logp, old_logp, adv, *, clip_low: float, clip_high: float, dual_clip: float | None):
     """PPO's clipped surrogate per token, with clip-higher and dual-clip.
 
@@ -84,12 +124,27 @@ def policy_loss(
     ref_logp: torch.Tensor | None = None,
     kl_coef: float = 0.0,
     kl_type: str = "k3",
+    sampler_logp: torch.Tensor | None = None,
+    rollout_correction: str = "none",
+    correction_cap: float = 2.0,
+    correction_low: float = 0.5,
 ):
-    """Scalar loss of one micro-batch and token sums for the step's metrics."""
+    """Scalar loss of one micro-batch and token sums for the step's metrics.
+
+    With `sampler_logp` (the rollout engine's log-probs of the sampled tokens) and a
+    `rollout_correction` mode other than "none", the policy-gradient term of each token is
+    multiplied by `rollout_correction_weights(old_logp, sampler_logp, ...)`."""
     pg, is_clipped, ratio = clipped_token_loss(logp, old_logp, adv, clip_low=clip_low,
                                                clip_high=clip_high, dual_clip=dual_clip)
-    loss = (pg * coef).sum()
     m = mask.float()
+    correction_sums = {}
+    if sampler_logp is not None and rollout_correction != "none":
+        weights, changed = rollout_correction_weights(old_logp, sampler_logp, mask, mode=rollout_correction,
+                                                      cap=correction_cap, low=correction_low)
+        pg = pg * weights
+        correction_sums = {"rollout_corr/weight_mean": (weights * m).sum(),
+                           "rollout_corr/changed_frac": (changed.float() * m).sum()}
+    loss = (pg * coef).sum()
     with torch.no_grad():
         log_ratio = (logp - old_logp).detach()
         sums = {
@@ -97,6 +152,7 @@ def policy_loss(
             "pg_loss": (pg.detach() * coef).sum(),
             "clip_frac": (is_clipped.float() * m).sum(),
             "approx_kl": (((log_ratio.exp() - 1.0) - log_ratio) * m).sum(),  # k3 of KL(old || new)
+            **correction_sums,
         }
     if entropy is not None:
         if entropy_coef:
