@@ -18,7 +18,7 @@ from resrl.config import ConfigError, run_dir, run_name, to_dict
 from resrl.run_state import RunState
 from resrl.sweep import SweepPoint, load_sweep
 from tasks import tracking
-from tasks.report import build_report, log_points, start_or_resume_sweep_run
+from tasks.report import build_report, log_points, report_failed, start_or_resume_sweep_run
 
 
 def _point_config(point, sweep_id: str, parent_id: str) -> dict:
@@ -101,12 +101,37 @@ def sweep_flow(sweep_file: str, overrides: list[str] | None = None) -> dict:
     swept = list(dict.fromkeys(k for p in sweep.points for k in p.overrides))
     points = [_point_record(p, swept, status[p.key]) for p in sweep.points]
     log_points(cfg0, parent_id, points)
-    report = build_report(cfg0, sweep.sweep_id)
-    create_markdown_artifact(report["markdown"], key="sweep-report", description=f"Sweep {sweep.sweep_id}")
+    report = make_report(cfg0, sweep.sweep_id, parent_id, logger)
+    try:
+        create_markdown_artifact(report["markdown"], key="sweep-report", description=f"Sweep {sweep.sweep_id}")
+    except Exception as exc:  # noqa: BLE001 - the report is in MLflow and on disk already
+        logger.warning("sweep %s: the report's Prefect artifact was not created (%s)", sweep.sweep_id, exc)
     finished = sum(s == "finished" for s in status.values())
     tracking.finish_run(cfg0, parent_id, status="FINISHED" if finished == len(points) else "FAILED")
     return {"sweep_id": sweep.sweep_id, "parent_run_id": parent_id, "points": points,
-            "report_dir": report["dir"], "tracking_uri": tracking.tracking_uri(cfg0)}
+            "report_dir": report["dir"], "report_error": report["error"], "tracking_uri": tracking.tracking_uri(cfg0)}
+
+
+def make_report(cfg, sweep_id: str, parent_id: str, logger) -> dict:
+    """The sweep's report, never fatal to the sweep: an error is logged on the parent MLflow run
+    (`resrl.report=failed` + `resrl.report_error`) and said in the log, and the sweep's outcome is
+    that of its points. Returns {"dir", "markdown", "error"} ("dir" None when nothing was written)."""
+    try:
+        report = build_report(cfg, sweep_id)
+    except Exception as exc:  # noqa: BLE001 - the points' runs are done; the report can be rebuilt
+        try:
+            error = report_failed(cfg, parent_id, exc)
+        except Exception:  # noqa: BLE001 - the store itself is the problem: say so in the log
+            error = f"{type(exc).__name__}: {exc}"
+        logger.error("sweep %s: the report failed (%s); the points are unaffected. Rebuild it with "
+                     "`resrl compare %s`.", sweep_id, error, sweep_id, exc_info=True)
+        return {"dir": None, "error": error,
+                "markdown": f"# Sweep {sweep_id}\n\nThe report failed: `{error}`. Rebuild it with "
+                            f"`resrl compare {sweep_id}`.\n"}
+    if report["errors"]:
+        logger.warning("sweep %s: report parts failed: %s", sweep_id, "; ".join(report["errors"]))
+    return {"dir": report["dir"], "markdown": report["markdown"],
+            "error": "; ".join(f"{k}: {v}" for k, v in report["errors"].items()) or None}
 
 
 def _finished(point: SweepPoint) -> bool:

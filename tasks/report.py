@@ -79,10 +79,15 @@ def sweep_runs(cfg, sweep_id: str) -> tuple[str, pd.DataFrame, dict, list[str]]:
         row = {"run_name": p["run_name"], "status": p["status"], "mlflow_run_id": p["mlflow_run_id"]}
         row.update(p["values"])  # every swept key, from the point's resolved config
         if p["mlflow_run_id"]:
-            run = client.get_run(p["mlflow_run_id"])
+            try:
+                run = client.get_run(p["mlflow_run_id"])
+                lld = {m.step: m.value for m in client.get_metric_history(p["mlflow_run_id"], "train/lld")}
+            except Exception as exc:  # noqa: BLE001 - a deleted run is one point without data, not a lost report
+                row["status"] = f"{p['status']} (MLflow run unreadable: {type(exc).__name__})"
+                rows.append(row)
+                continue
             row["status"] = "finished" if run.info.status == "FINISHED" else p["status"]
             row.update(final_eval_metrics(run.data.metrics))
-            lld = {m.step: m.value for m in client.get_metric_history(p["mlflow_run_id"], "train/lld")}
             row["lld_curve"] = dict(sorted(lld.items()))
             finite = [v for v in lld.values() if v == v]
             row["train/lld_mean"] = sum(finite) / len(finite) if finite else float("nan")
@@ -91,15 +96,40 @@ def sweep_runs(cfg, sweep_id: str) -> tuple[str, pd.DataFrame, dict, list[str]]:
     return parent, pd.DataFrame(rows), spec, swept
 
 
+REPORT_TAG = "resrl.report"              # complete | partial (some parts failed) | failed
+REPORT_ERROR_TAG = "resrl.report_error"  # what failed, when something did
+
+
 def build_report(cfg, sweep_id: str) -> dict:
-    """Write the comparison report from MLflow data and log it to the sweep's parent run."""
+    """Write the comparison report from MLflow data and log it to the sweep's parent run.
+
+    A part of the report that fails (a plot, the paired table) leaves the others written; the
+    parent run is tagged `resrl.report` = complete or partial, with the failed parts in
+    `resrl.report_error`. An error before any part is written (the store unreadable) raises:
+    the sweep marks the report failed (`report_failed`)."""
     parent, runs, spec, swept = sweep_runs(cfg, sweep_id)
     group_keys = [k for k in swept if k != "seed" and k in runs.columns]
     settings = report_settings(spec)
     out = Path(cfg.run.output_dir) / "sweeps" / sweep_id
+    errors: dict[str, str] = {}
     files = write_report(runs, out, sweep_id=sweep_id, group_keys=group_keys, headline=settings.headline,
-                         heatmap=settings.heatmap, reference=settings.reference)
+                         heatmap=settings.heatmap, reference=settings.reference, errors=errors)
     client = tracking.client_for(cfg)
     for path in files.values():
         client.log_artifact(parent, str(path), artifact_path="report")
-    return {"dir": str(out), "markdown": files["markdown"].read_text(), "files": files}
+    client.set_tag(parent, REPORT_TAG, "partial" if errors else "complete")
+    if errors:
+        client.set_tag(parent, REPORT_ERROR_TAG, "; ".join(f"{k}: {v}" for k, v in errors.items())[:4000])
+    elif REPORT_ERROR_TAG in client.get_run(parent).data.tags:  # left by an earlier, failed report
+        client.delete_tag(parent, REPORT_ERROR_TAG)
+    return {"dir": str(out), "markdown": files["markdown"].read_text(), "files": files, "errors": errors}
+
+
+def report_failed(cfg, parent_run_id: str, exc: BaseException) -> str:
+    """Tag the sweep's parent run with a failed report (`resrl.report=failed`, the error in
+    `resrl.report_error`); returns the error as one line. The sweep itself is not failed by it."""
+    error = f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:4000]
+    client = tracking.client_for(cfg)
+    client.set_tag(parent_run_id, REPORT_TAG, "failed")
+    client.set_tag(parent_run_id, REPORT_ERROR_TAG, error)
+    return error

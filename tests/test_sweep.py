@@ -284,3 +284,166 @@ def test_a_fixed_run_name_still_gives_each_point_its_own_folder(tmp_path):
     points = load_sweep(f).points
     dirs = {run_dir(p.cfg) for p in points}
     assert len(dirs) == 2 and all(d.name.startswith("mine-") for d in dirs)
+
+
+# ----------------------------------------------------------------------------- reports that never crash a sweep
+
+def _smoke_shaped_runs(seeds=(0,), failed=(), drop=()) -> pd.DataFrame:
+    """A run table shaped like conf/sweep/smoke.yaml's: rank {4, 16} x min_weight {0.1, 0.5}, one row per seed.
+    Points in `failed` did not finish (no metrics); metrics in `drop` are missing from every run."""
+    rows = []
+    for r in (4, 16):
+        for m in (0.1, 0.5):
+            for s in seeds:
+                row = {"run_name": f"r{r}-m{m}-s{s}", "algorithm.rank": r, "algorithm.min_weight": m, "seed": s}
+                if (r, m) in failed:
+                    row["status"] = "failed"
+                else:
+                    p1 = round(0.01 * r + m + 0.01 * s, 4)
+                    row.update({"status": "finished", "eval/pass_at_1": p1, "eval/pass_at_2": p1 + 0.1,
+                                "eval/avg_at_2": p1, "train/lld_mean": -0.01, "lld_curve": {1: -0.01, 2: -0.02}})
+                    for d in drop:
+                        row.pop(d, None)
+                rows.append(row)
+    return pd.DataFrame(rows)
+
+
+SMOKE_REPORT = dict(sweep_id="s", group_keys=["algorithm.rank", "algorithm.min_weight"], headline="eval/pass_at_1",
+                    heatmap=["algorithm.rank", "algorithm.min_weight"])
+
+
+def test_report_of_a_one_seed_sweep_with_a_2x2_heat_map(tmp_path):
+    """conf/sweep/smoke.yaml's shape: with one seed the intervals are empty, which used to end the
+    sweep with an IndexError in the heat map after every point had trained."""
+    files = write_report(_smoke_shaped_runs(), tmp_path, **SMOKE_REPORT)  # no `errors`: any part's error raises
+    assert {"curves", "lld", "heatmap", "heatmap_csv", "markdown", "csv"} <= set(files)
+    cells = pd.read_csv(files["heatmap_csv"])
+    assert len(cells) == 4 and list(cells["runs"]) == [1, 1, 1, 1] and cells["ci95"].isna().all()
+    got = {(r["algorithm.rank"], r["algorithm.min_weight"]): r["mean"] for r in cells.to_dict("records")}
+    assert got == {(4, 0.1): pytest.approx(0.14), (4, 0.5): pytest.approx(0.54), (16, 0.1): pytest.approx(0.26),
+                   (16, 0.5): pytest.approx(0.66)}
+    md = files["markdown"].read_text()
+    assert "| 16 | 0.5 | 1 | 0 | 0.660 | 0.660 | 0.760 | -0.010 |" in md  # values without an interval
+    assert "±" not in md.split("|---|", 1)[1] and "## Parts that failed" not in md
+
+
+def test_report_of_a_single_point(tmp_path):
+    runs = pd.DataFrame([{"run_name": "only", "status": "finished", "algorithm.rank": 8, "algorithm.min_weight": 0.1,
+                          "seed": 0, "eval/pass_at_1": 0.5, "eval/avg_at_1": 0.5, "lld_curve": {3: -0.1}}])
+    files = write_report(runs, tmp_path, **SMOKE_REPORT, reference={"algorithm.rank": 8, "algorithm.min_weight": 0.1})
+    md = files["markdown"].read_text()
+    assert "| 8 | 0.1 | 1 | 0 | 0.500 | 0.500 |" in md
+    assert "paired differences: no other configuration finished" in md and "paired" not in files
+    assert list(pd.read_csv(files["heatmap_csv"])["mean"]) == [0.5]  # a 1 x 1 heat map
+    # a sweep of seeds only: nothing to group by
+    files = write_report(runs, tmp_path / "seeds", sweep_id="s", group_keys=[], headline="eval/pass_at_1",
+                         heatmap=[], reference={"algorithm.rank": 8})
+    md = files["markdown"].read_text()
+    assert "| 1 | 0 | 0.500 | 0.500 |" in md and "the sweep varies nothing but the seed" in md
+
+
+def test_report_with_failed_points(tmp_path):
+    files = write_report(_smoke_shaped_runs(seeds=(0, 1), failed=[(16, 0.5)]), tmp_path, **SMOKE_REPORT,
+                         reference={"algorithm.rank": 4, "algorithm.min_weight": 0.1})
+    cells = pd.read_csv(files["heatmap_csv"]).set_index(["algorithm.rank", "algorithm.min_weight"])
+    assert cells.loc[(16, 0.5), "runs"] == 0 and math.isnan(cells.loc[(16, 0.5), "mean"])  # an empty cell
+    assert cells.loc[(4, 0.1), "runs"] == 2 and cells.loc[(4, 0.1), "mean"] == pytest.approx(0.145)
+    md = files["markdown"].read_text()
+    assert "| 16 | 0.5 | 2 | 2 | - | - | - | - |" in md and "- r16-m0.5-s1: failed" in md
+    paired = pd.read_csv(files["paired"])
+    assert list(paired["seeds"]) == [2, 2]  # the two other finished configurations; the failed one has none
+    # every point failed: the report still says so, with no plots
+    files = write_report(_smoke_shaped_runs(failed=[(r, m) for r in (4, 16) for m in (0.1, 0.5)]),
+                         tmp_path / "none", **SMOKE_REPORT, reference={"algorithm.rank": 4, "algorithm.min_weight": 0.1})
+    md = files["markdown"].read_text()
+    assert "4 runs, 0 finished, 4 not finished" in md
+    assert "heat map: no finished run has eval/pass_at_1" in md
+    assert "paired differences: no finished run of the reference" in md
+    assert not {"curves", "lld", "heatmap", "paired"} & set(files)
+
+
+def test_report_with_missing_metrics(tmp_path):
+    runs = _smoke_shaped_runs(drop=["lld_curve", "train/lld_mean"])
+    runs.loc[0, "eval/pass_at_2"] = float("nan")  # one run lacks a metric the others have
+    files = write_report(runs, tmp_path, **{**SMOKE_REPORT, "headline": "eval/pass_at_64"})  # logged by no run
+    md = files["markdown"].read_text()
+    assert "heat map: no finished run has eval/pass_at_64" in md
+    assert "LLD curves: no run has a train/lld history" in md
+    assert "| 4 | 0.1 | 1 | 0 | 0.140 | 0.140 | - |" in md  # that run's pass@2 is missing, not 0
+    assert "curves" in files and not {"heatmap", "lld"} & set(files)
+    # no evaluation metric at all (every run failed before its first evaluation, say)
+    bare = runs[["run_name", "status", "algorithm.rank", "algorithm.min_weight", "seed"]]
+    md = write_report(bare, tmp_path / "bare", **SMOKE_REPORT)["markdown"].read_text()
+    assert "no run has evaluation metrics" in md
+
+
+def test_a_failing_report_part_leaves_the_others(tmp_path, monkeypatch):
+    import resrl.report as report
+
+    def broken(*args, **kwargs):
+        raise ValueError("drawing failed")
+
+    monkeypatch.setattr(report, "_lld_plot", broken)
+    with pytest.raises(ValueError):  # without an errors dict (the tests' setting) it raises
+        write_report(_smoke_shaped_runs(), tmp_path, **SMOKE_REPORT)
+    errors = {}
+    files = write_report(_smoke_shaped_runs(), tmp_path, **SMOKE_REPORT, errors=errors)
+    assert errors == {"LLD curves": "ValueError: drawing failed"}
+    assert {"curves", "heatmap", "markdown", "csv"} <= set(files) and "lld" not in files
+    assert "- LLD curves: ValueError: drawing failed" in files["markdown"].read_text()
+
+
+@pytest.mark.slow  # a new SQLite store's schema migration alone takes ~10 s on 2 cores
+def test_sweep_report_from_mlflow_and_a_failed_report_is_a_tag_not_a_failed_sweep(tmp_path, monkeypatch):
+    """The report path of a finished sweep, on a real MLflow store with runs shaped like the smoke
+    sweep's (one seed), without training: a complete report is tagged so; one that raises is tagged
+    failed with its error on the parent run, and the flow's helper returns instead of raising."""
+    import logging
+
+    import flows.sweep as sweep_module
+    from resrl.config import load_config
+    from tasks import tracking
+    from tasks.report import POINTS_FILE, REPORT_ERROR_TAG, REPORT_TAG, build_report, start_or_resume_sweep_run
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = load_config(ROOT / "conf" / "smoke.yaml", [f"run.output_dir={tmp_path}"])
+    spec = yaml.safe_load((ROOT / "conf" / "sweep" / "smoke.yaml").read_text())
+    parent = start_or_resume_sweep_run(cfg, "smoke-x", spec)
+    client = MlflowClient(tracking_uri=tracking.tracking_uri(cfg))
+    points = []
+    for rank in (4, 16):
+        for mw in (0.1, 0.5):
+            run_id = tracking.start_run(cfg, f"p{rank}-{mw}", tags={}, parent_run_id=parent)
+            tracking.log_metrics(cfg, run_id, {"eval/k": 4, "eval/pass_at_1": rank / 100 + mw, "eval/avg_at_4": 0.2,
+                                               "eval/pass_at_4": 0.9}, 2)
+            tracking.log_metrics(cfg, run_id, {"train/lld": -0.01}, 1)
+            tracking.finish_run(cfg, run_id)
+            points.append({"key": run_id[:6], "overrides": {}, "run_name": f"p{rank}-{mw}", "mlflow_run_id": run_id,
+                           "values": {"algorithm.rank": rank, "algorithm.min_weight": mw, "seed": 0},
+                           "status": "finished", "run_dir": ""})
+    points.append({"key": "dead", "overrides": {}, "run_name": "gone", "mlflow_run_id": None, "status": "failed",
+                   "values": {"algorithm.rank": 16, "algorithm.min_weight": 0.5, "seed": 1}, "run_dir": ""})
+    client.log_text(parent, json.dumps(points), POINTS_FILE)
+
+    report = build_report(cfg, "smoke-x")
+    assert report["errors"] == {}
+    tags = client.get_run(parent).data.tags
+    assert tags[REPORT_TAG] == "complete" and REPORT_ERROR_TAG not in tags
+    logged = {a.path for a in client.list_artifacts(parent, "report")}
+    assert {"report/report.md", "report/heatmap.png", "report/heatmap.csv", "report/lld.png"} <= logged
+    cells = pd.read_csv(Path(report["dir"]) / "heatmap.csv")
+    assert list(cells["runs"]) == [1, 1, 1, 1] and cells["mean"].tolist() == pytest.approx([0.14, 0.54, 0.26, 0.66])
+
+    def broken(cfg, sweep_id):
+        raise KeyError("points.json")
+
+    monkeypatch.setattr(sweep_module, "build_report", broken)
+    got = sweep_module.make_report(cfg, "smoke-x", parent, logging.getLogger("test"))
+    assert got["dir"] is None and got["error"] == "KeyError: 'points.json'" and "resrl compare smoke-x" in got["markdown"]
+    tags = client.get_run(parent).data.tags
+    assert tags[REPORT_TAG] == "failed" and tags[REPORT_ERROR_TAG] == "KeyError: 'points.json'"
+    # a later report that works clears the error
+    monkeypatch.setattr(sweep_module, "build_report", build_report)
+    assert sweep_module.make_report(cfg, "smoke-x", parent, logging.getLogger("test"))["error"] is None
+    tags = client.get_run(parent).data.tags
+    assert tags[REPORT_TAG] == "complete" and REPORT_ERROR_TAG not in tags
