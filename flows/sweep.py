@@ -18,7 +18,7 @@ from resrl.config import ConfigError, run_dir, run_name, to_dict
 from resrl.run_state import RunState
 from resrl.sweep import SweepPoint, load_sweep
 from tasks import tracking
-from tasks.report import build_report, log_points, report_failed, start_or_resume_sweep_run
+from tasks.report import build_report, log_points, register_best, report_failed, start_or_resume_sweep_run
 
 
 def _point_config(point, sweep_id: str, parent_id: str) -> dict:
@@ -130,6 +130,14 @@ def make_report(cfg, sweep_id: str, parent_id: str, logger) -> dict:
                             f"`resrl compare {sweep_id}`.\n"}
     if report["errors"]:
         logger.warning("sweep %s: report parts failed: %s", sweep_id, "; ".join(report["errors"]))
+    try:
+        best = register_best(cfg, report, sweep_id)
+        if best:
+            logger.info("sweep %s: best point %s (%s %.3f) registered as models:/%s@best, version %s", sweep_id,
+                        best["run_name"], report["headline"], best["value"], best["name"], best["version"])
+    except Exception as exc:  # noqa: BLE001 - the report stands without it
+        logger.warning("sweep %s: the best point's model was not registered (%s: %s)", sweep_id,
+                       type(exc).__name__, exc)
     return {"dir": report["dir"], "markdown": report["markdown"],
             "error": "; ".join(f"{k}: {v}" for k, v in report["errors"].items()) or None}
 

@@ -35,6 +35,8 @@ _NOT_HASHED = (
     "run.progress",
     "run.sweep_id",
     "run.parent_run_id",
+    "run.system_metrics",
+    "run.log_model",
 )
 
 

@@ -411,3 +411,20 @@ def write_report(runs: pd.DataFrame, out_dir: Path, *, sweep_id: str, group_keys
     table.to_csv(out_dir / "summary.csv", index=False)
     files["csv"] = out_dir / "summary.csv"
     return files
+
+
+def best_point(runs: pd.DataFrame, group_keys: list[str], headline: str) -> dict | None:
+    """The run to register as the sweep's best: in the configuration with the highest mean of
+    `headline` over its finished seeds, the finished run with the highest value (the first in
+    table order on ties). None when no finished run has the metric. Higher is taken as better."""
+    if headline not in runs.columns or "status" not in runs.columns:
+        return None
+    runs = _normalize(runs, [k for k in group_keys if k in runs.columns], [])
+    done = runs[(runs["status"] == "finished") & runs[headline].notna()]
+    if not len(done):
+        return None
+    groups = _groups(done, [k for k in group_keys if k in done.columns])
+    best_key, best_rows = max(groups, key=lambda g: g[1][headline].mean())  # max keeps the first of equals
+    row = best_rows.loc[best_rows[headline].idxmax()].to_dict()
+    row["config_mean"] = float(best_rows[headline].mean())
+    return row

@@ -122,7 +122,28 @@ def build_report(cfg, sweep_id: str) -> dict:
         client.set_tag(parent, REPORT_ERROR_TAG, "; ".join(f"{k}: {v}" for k, v in errors.items())[:4000])
     elif REPORT_ERROR_TAG in client.get_run(parent).data.tags:  # left by an earlier, failed report
         client.delete_tag(parent, REPORT_ERROR_TAG)
-    return {"dir": str(out), "markdown": files["markdown"].read_text(), "files": files, "errors": errors}
+    return {"dir": str(out), "markdown": files["markdown"].read_text(), "files": files, "errors": errors,
+            "parent": parent, "runs": runs, "group_keys": group_keys, "headline": settings.headline, "spec": spec}
+
+
+def register_best(cfg, report: dict, sweep_id: str) -> dict | None:
+    """Register the best point's final policy (resrl.report.best_point on the headline metric) in
+    the Model Registry under the sweep's `register` name with the alias `best`, and tag the parent
+    run with it. Returns {"name", "version", "run_name", "value"}, or None when nothing is registered
+    (`register: null`, no finished point with the metric, or the point logged no model)."""
+    from resrl.report import best_point
+    from resrl.sweep import registry_name
+
+    name = registry_name(report["spec"], sweep_id)
+    best = best_point(report["runs"], report["group_keys"], report["headline"]) if name else None
+    if best is None or not best.get("mlflow_run_id"):
+        return None
+    version = tracking.register_model(cfg, name, best["mlflow_run_id"], alias="best")
+    if version is None:
+        return None
+    client = tracking.client_for(cfg)
+    client.set_tag(report["parent"], "resrl.best_model", f"models:/{name}@best (version {version}, {best['run_name']})")
+    return {"name": name, "version": version, "run_name": best["run_name"], "value": best[report["headline"]]}
 
 
 def report_failed(cfg, parent_run_id: str, exc: BaseException) -> str:
