@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -29,7 +31,7 @@ def _point_config(point, sweep_id: str, parent_id: str) -> dict:
 
 
 @flow(name="resrl-sweep-lane")
-def lane_flow(configs: list[dict], claims_dir: str) -> None:
+def lane_flow(configs: list[dict], claims_dir: str, slot_limit: str | None = None) -> None:
     """Train sweep points one after another in this process, each as a child flow run.
 
     A sweep starts `concurrency` lanes; each takes the next point nobody has claimed yet
@@ -37,6 +39,9 @@ def lane_flow(configs: list[dict], claims_dir: str) -> None:
     trains once. One process per lane, not per point: the imports (torch, vLLM,
     DeepSpeed, Prefect, MLflow: 20-30 s on 2 cores) and the process start are paid once.
     A point that fails is recorded (FAILED in MLflow, as any run) and the lane goes on.
+    With `slot_limit`, each point trains while holding a slot of that Prefect global
+    concurrency limit (shared by every sweep on the server). A point's end is marked
+    `<key>.done` in `claims_dir`, for the sweep's progress.
     """
     from flows.train import train_flow
     from resrl.config import config_hash, from_dict
@@ -48,9 +53,115 @@ def lane_flow(configs: list[dict], claims_dir: str) -> None:
             os.close(os.open(Path(claims_dir) / key, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         except FileExistsError:
             continue  # another lane has it
-        state = train_flow(config=config, return_state=True)
-        if state.is_failed() or state.is_crashed():
+        with _slot(slot_limit, logger):
+            state = train_flow(config=config, return_state=True)
+        failed = state.is_failed() or state.is_crashed()
+        (Path(claims_dir) / f"{key}.done").write_text("failed" if failed else "finished")
+        if failed:
             logger.warning("point %s: %s", config["run"].get("name") or key, state.message)
+
+
+@contextmanager
+def _slot(limit: str | None, logger):
+    """Hold one slot of the Prefect global concurrency limit `limit` (none when None). The slot
+    is leased and renewed while held; a lane killed outright frees it when the lease (300 s) ends."""
+    if not limit:
+        yield
+        return
+    from prefect.concurrency.sync import concurrency
+
+    t0 = time.time()
+    with concurrency(limit, occupy=1, strict=True):
+        if time.time() - t0 > 1:
+            logger.info("got a slot of the concurrency limit '%s' after %.0f s", limit, time.time() - t0)
+        yield
+
+
+def slot_limit_for(cfg, logger) -> str | None:
+    """The global concurrency limit lanes take slots from: run.concurrency_limit, when
+    PREFECT_API_URL names a server (not Prefect's temporary one) and the limit exists there
+    (infra/deploy.sh creates it); otherwise None, said in the log."""
+    from omegaconf import OmegaConf
+
+    name = OmegaConf.select(cfg, "run.concurrency_limit")
+    if not name or not os.environ.get("PREFECT_API_URL"):
+        return None
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            limit = client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            logger.warning("no global concurrency limit '%s' on %s (bash infra/deploy.sh creates it): points train "
+                           "without one", name, os.environ["PREFECT_API_URL"])
+            return None
+    logger.info("points take slots of the global concurrency limit '%s' (%d slots, %s)", name, limit.limit,
+                "active" if limit.active else "inactive: not limiting")
+    return name
+
+
+class Progress:
+    """A sweep's progress: points done out of all (finished earlier, or finished or failed now),
+    and the time left at the pace of the points done so far in this sweep. Said in the log and
+    kept in the flow run's progress artifact `sweep-progress`, both when the count changes."""
+
+    def __init__(self, sweep_id: str, total: int, done_before: int, logger):
+        self.sweep_id, self.total, self.done_before, self.logger = sweep_id, total, done_before, logger
+        self.t0 = time.time()
+        self.done_now = self.failed = 0
+        self.artifact = None
+
+    def line(self) -> str:
+        done = self.done_before + self.done_now
+        text = f"{done}/{self.total} points done" + (f" ({self.failed} failed)" if self.failed else "")
+        left = self.total - done
+        if left and self.done_now:
+            text += f", about {_duration((time.time() - self.t0) / self.done_now * left)} left"
+        elif left:
+            text += ", time left: known after the first point"
+        return text
+
+    def percent(self) -> float:
+        return 100.0 * (self.done_before + self.done_now) / max(self.total, 1)
+
+    def show(self) -> None:
+        from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+        self.logger.info("sweep %s: %s", self.sweep_id, self.line())
+        try:
+            if self.artifact is None:
+                self.artifact = create_progress_artifact(self.percent(), key="sweep-progress",
+                                                         description=f"Sweep {self.sweep_id}: {self.line()}")
+            else:
+                update_progress_artifact(self.artifact, self.percent(),
+                                         description=f"Sweep {self.sweep_id}: {self.line()}")
+        except Exception as exc:  # noqa: BLE001 - the log line has it; the sweep goes on
+            self.logger.warning("sweep %s: progress artifact not updated (%s)", self.sweep_id, exc)
+
+    def watch(self, lanes: list, claims: Path, poll_s: float = 5.0) -> None:
+        """Wait for the lanes, showing the progress whenever a point ends."""
+        seen: set[str] = set()
+        self.show()
+        while True:
+            alive = False
+            for lane in lanes:
+                lane.join(timeout=0 if alive else poll_s)
+                alive = alive or lane.is_alive()
+            ended = {f.stem: f.read_text() for f in claims.glob("*.done")}
+            new = set(ended) - seen
+            if new:
+                seen |= new
+                self.done_now = len(seen)
+                self.failed = sum(ended[k] != "finished" for k in seen)
+                self.show()
+            if not alive:
+                return
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
 
 
 @flow(name="resrl-sweep")
@@ -84,12 +195,12 @@ def sweep_flow(sweep_file: str, overrides: list[str] | None = None) -> dict:
     child_env = {"PREFECT_API_URL": str(get_client(sync_client=True).api_url).rstrip("/")}
     claims = Path(tempfile.mkdtemp(prefix=f"resrl-{sweep.sweep_id}-"))
     configs = [_point_config(p, sweep.sweep_id, parent_id) for p in pending]
+    slot_limit = slot_limit_for(cfg0, logger) if pending else None
     lanes = [run_flow_in_subprocess(lane_flow, env=child_env,
-                                    parameters={"configs": configs, "claims_dir": str(claims)})
+                                    parameters={"configs": configs, "claims_dir": str(claims), "slot_limit": slot_limit})
              for _ in range(min(sweep.concurrency, len(pending)))]
     logger.info("%d points to train in %d lane process(es)", len(pending), len(lanes))
-    for lane in lanes:
-        lane.join()
+    Progress(sweep.sweep_id, len(sweep.points), len(sweep.points) - len(pending), logger).watch(lanes, claims)
     for p in pending:
         if _finished(p):
             status[p.key] = "finished"

@@ -37,6 +37,7 @@ _NOT_HASHED = (
     "run.parent_run_id",
     "run.system_metrics",
     "run.log_model",
+    "run.concurrency_limit",
 )
 
 

@@ -447,3 +447,122 @@ def test_sweep_report_from_mlflow_and_a_failed_report_is_a_tag_not_a_failed_swee
     assert sweep_module.make_report(cfg, "smoke-x", parent, logging.getLogger("test"))["error"] is None
     tags = client.get_run(parent).data.tags
     assert tags[REPORT_TAG] == "complete" and REPORT_ERROR_TAG not in tags
+
+
+# ----------------------------------------------------------------------------- Prefect: progress, slots, retries
+
+class _FakeLane:
+    """A lane process that ends `after` seconds from now, marking its points done on the way."""
+
+    def __init__(self, claims: Path, points: list[tuple[float, str, str]]):
+        import threading
+
+        self.thread = threading.Thread(target=self._run, args=(claims, points))
+        self.thread.start()
+
+    @staticmethod
+    def _run(claims, points):
+        import time
+
+        for delay, key, status in points:
+            time.sleep(delay)
+            (claims / f"{key}.done").write_text(status)
+
+    def join(self, timeout=None):
+        self.thread.join(timeout)
+
+    def is_alive(self):
+        return self.thread.is_alive()
+
+
+def test_sweep_progress_is_logged_and_kept_in_a_progress_artifact(tmp_path, monkeypatch):
+    import logging
+
+    import prefect.artifacts
+
+    from flows.sweep import Progress
+
+    calls = []
+    monkeypatch.setattr(prefect.artifacts, "create_progress_artifact",
+                        lambda progress, key=None, description=None: calls.append(("create", progress, key,
+                                                                                    description)) or "id-1")
+    monkeypatch.setattr(prefect.artifacts, "update_progress_artifact",
+                        lambda artifact_id, progress, description=None: calls.append(("update", progress, artifact_id,
+                                                                                      description)))
+    lines = []
+
+    class Capture(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+
+    logger = logging.getLogger("test-progress")
+    logger.addHandler(Capture())
+    logger.setLevel(logging.INFO)
+    # 5 points: 1 finished in an earlier sweep, 4 trained now by two lanes; one of them fails
+    lanes = [_FakeLane(tmp_path, [(0.3, "a", "finished"), (0.6, "b", "failed")]),
+             _FakeLane(tmp_path, [(0.5, "c", "finished"), (0.6, "d", "finished")])]
+    Progress("sw", total=5, done_before=1, logger=logger).watch(lanes, tmp_path, poll_s=0.05)
+    assert calls[0][:3] == ("create", 20.0, "sweep-progress")
+    assert lines[0] == "sweep sw: 1/5 points done, time left: known after the first point"
+    assert calls[-1][:3] == ("update", 100.0, "id-1") and calls[-1][3] == "Sweep sw: 5/5 points done (1 failed)"
+    assert [c[1] for c in calls] == sorted(c[1] for c in calls) and len(calls) >= 3
+    middle = [line for line in lines if "left" in line and "known after" not in line]
+    assert middle and all(" s left" in line for line in middle)  # a time left once a point is done
+
+
+def test_retries_only_on_idempotent_tasks_and_not_for_user_errors():
+    from prefect.states import Failed
+
+    from resrl.data import DataError
+    from tasks import steps
+
+    assert steps.prepare_data.retries == 2 and steps.evaluate_checkpoint.retries == 1
+    for not_idempotent in (steps.generate_rollouts, steps.update_policy, steps.evaluate_policy):
+        assert not_idempotent.retries == 0, not_idempotent.name
+    check = steps.prepare_data.retry_condition_fn
+    assert check(None, None, Failed(data=OSError("disk full"))) is True
+    assert check(None, None, Failed(data=DataError("no usable rows"))) is False
+
+
+def test_lanes_hold_slots_of_the_global_concurrency_limit(prefect_api_url, monkeypatch):
+    """Two holders of a 1-slot limit train one after the other; a limit the server lacks is no limit."""
+    import asyncio
+    import logging
+    import threading
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+
+    from flows.sweep import _slot, slot_limit_for
+    from resrl.config import load_config
+
+    async def create():
+        async with get_client() as c:
+            await c.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name="test-train-slots", limit=1))
+
+    asyncio.run(create())
+    monkeypatch.setenv("PREFECT_API_URL", prefect_api_url)
+    logger = logging.getLogger("test-slots")
+    assert slot_limit_for(load_config(None, ["run.concurrency_limit=test-train-slots"]), logger) == "test-train-slots"
+    assert slot_limit_for(load_config(None, ["run.concurrency_limit=no-such-limit"]), logger) is None
+    assert slot_limit_for(load_config(None, ["run.concurrency_limit=null"]), logger) is None
+    monkeypatch.delenv("PREFECT_API_URL")
+    assert slot_limit_for(load_config(None, ["run.concurrency_limit=test-train-slots"]), logger) is None
+
+    spans = []
+
+    def hold():
+        with _slot("test-train-slots", logger):
+            t0 = time.time()
+            time.sleep(1.5)
+            spans.append((t0, time.time()))
+
+    monkeypatch.setenv("PREFECT_API_URL", prefect_api_url)
+    threads = [threading.Thread(target=hold) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    (a0, a1), (b0, b1) = sorted(spans)
+    assert b0 >= a1 - 0.05, spans  # the second got the slot only when the first gave it back
