@@ -139,22 +139,22 @@ class Progress:
         except Exception as exc:  # noqa: BLE001 - the log line has it; the sweep goes on
             self.logger.warning("sweep %s: progress artifact not updated (%s)", self.sweep_id, exc)
 
+    def update(self, ended: dict[str, str]) -> None:
+        """`ended`: every point that ended so far in this sweep -> "finished" or why not; shown if it changed."""
+        if len(ended) != self.done_now:
+            self.done_now = len(ended)
+            self.failed = sum(v != "finished" for v in ended.values())
+            self.show()
+
     def watch(self, lanes: list, claims: Path, poll_s: float = 5.0) -> None:
         """Wait for the lanes, showing the progress whenever a point ends."""
-        seen: set[str] = set()
         self.show()
         while True:
             alive = False
             for lane in lanes:
                 lane.join(timeout=0 if alive else poll_s)
                 alive = alive or lane.is_alive()
-            ended = {f.stem: f.read_text() for f in claims.glob("*.done")}
-            new = set(ended) - seen
-            if new:
-                seen |= new
-                self.done_now = len(seen)
-                self.failed = sum(ended[k] != "finished" for k in seen)
-                self.show()
+            self.update({f.stem: f.read_text() for f in claims.glob("*.done")})
             if not alive:
                 return
 
@@ -168,7 +168,6 @@ def _duration(seconds: float) -> str:
 def sweep_flow(sweep_file: str, overrides: list[str] | None = None) -> dict:
     """Train every point of the sweep in `sweep_file` (skipping finished ones) and report."""
     from prefect.artifacts import create_markdown_artifact
-    from prefect.flow_engine import run_flow_in_subprocess
 
     logger = get_run_logger()
     sweep = load_sweep(sweep_file, overrides or [])
@@ -189,25 +188,16 @@ def sweep_flow(sweep_file: str, overrides: list[str] | None = None) -> dict:
             logger.info("point %s (%s): finished earlier, skipped", p.label(()), run_name(p.cfg))
         else:
             pending.append(p)
-    # children report to this flow's API (the temporary server too, when there is no PREFECT_API_URL)
-    from prefect.client.orchestration import get_client
-
-    child_env = {"PREFECT_API_URL": str(get_client(sync_client=True).api_url).rstrip("/")}
-    claims = Path(tempfile.mkdtemp(prefix=f"resrl-{sweep.sweep_id}-"))
     configs = [_point_config(p, sweep.sweep_id, parent_id) for p in pending]
-    slot_limit = slot_limit_for(cfg0, logger) if pending else None
-    lanes = [run_flow_in_subprocess(lane_flow, env=child_env,
-                                    parameters={"configs": configs, "claims_dir": str(claims), "slot_limit": slot_limit})
-             for _ in range(min(sweep.concurrency, len(pending)))]
-    logger.info("%d points to train in %d lane process(es)", len(pending), len(lanes))
-    Progress(sweep.sweep_id, len(sweep.points), len(sweep.points) - len(pending), logger).watch(lanes, claims)
-    for p in pending:
-        if _finished(p):
-            status[p.key] = "finished"
-        else:
-            status[p.key] = "failed" if (claims / p.key).exists() else "not started (its lane died)"
-        logger.info("point %s: %s", p.label(()), status[p.key])
-    shutil.rmtree(claims, ignore_errors=True)
+    progress = Progress(sweep.sweep_id, len(sweep.points), len(sweep.points) - len(pending), logger)
+    deployment = pool_deployment(cfg0, logger) if pending else None
+    if deployment:  # every worker of the pool takes points
+        ended = _train_on_pool(deployment, pending, configs, sweep.sweep_id, progress, logger)
+        for p in pending:
+            status[p.key] = "finished" if _finished(p) else ended.get(p.key, "not started")
+            logger.info("point %s: %s", p.label(()), status[p.key])
+    else:
+        _train_in_lanes(sweep, pending, configs, status, progress, logger)
 
     swept = list(dict.fromkeys(k for p in sweep.points for k in p.overrides))
     points = [_point_record(p, swept, status[p.key]) for p in sweep.points]
@@ -221,6 +211,88 @@ def sweep_flow(sweep_file: str, overrides: list[str] | None = None) -> dict:
     tracking.finish_run(cfg0, parent_id, status="FINISHED" if finished == len(points) else "FAILED")
     return {"sweep_id": sweep.sweep_id, "parent_run_id": parent_id, "points": points,
             "report_dir": report["dir"], "report_error": report["error"], "tracking_uri": tracking.tracking_uri(cfg0)}
+
+
+def _train_in_lanes(sweep, pending: list, configs: list[dict], status: dict, progress, logger) -> None:
+    """The pending points in `concurrency` lane processes of this machine; fills `status`."""
+    from prefect.client.orchestration import get_client
+    from prefect.flow_engine import run_flow_in_subprocess
+
+    # children report to this flow's API (the temporary server too, when there is no PREFECT_API_URL)
+    child_env = {"PREFECT_API_URL": str(get_client(sync_client=True).api_url).rstrip("/")}
+    claims = Path(tempfile.mkdtemp(prefix=f"resrl-{sweep.sweep_id}-"))
+    slot_limit = slot_limit_for(sweep.points[0].cfg, logger) if pending else None
+    lanes = [run_flow_in_subprocess(lane_flow, env=child_env,
+                                    parameters={"configs": configs, "claims_dir": str(claims), "slot_limit": slot_limit})
+             for _ in range(min(sweep.concurrency, len(pending)))]
+    logger.info("%d points to train in %d lane process(es)", len(pending), len(lanes))
+    progress.watch(lanes, claims)
+    for p in pending:
+        if _finished(p):
+            status[p.key] = "finished"
+        else:
+            status[p.key] = "failed" if (claims / p.key).exists() else "not started (its lane died)"
+        logger.info("point %s: %s", p.label(()), status[p.key])
+    shutil.rmtree(claims, ignore_errors=True)
+
+
+def pool_deployment(cfg, logger) -> str | None:
+    """The deployment to submit a sweep's points to (run.sweep_deployment, `resrl-train/train`):
+    when PREFECT_API_URL names a server, the deployment is there and its work pool has a worker
+    online. Otherwise None (the points train in lanes here), said in the log."""
+    from omegaconf import OmegaConf
+
+    name = OmegaConf.select(cfg, "run.sweep_deployment")
+    if not name or not os.environ.get("PREFECT_API_URL"):
+        return None
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            deployment = client.read_deployment_by_name(name)
+        except ObjectNotFound:
+            logger.info("no deployment %s on the server (bash infra/deploy.sh): points train in lanes here", name)
+            return None
+        workers = client.read_workers_for_work_pool(deployment.work_pool_name)
+    online = [w.name for w in workers if str(getattr(w.status, "value", w.status)).upper() == "ONLINE"]
+    if not online:
+        logger.info("no worker online on work pool %s (bash infra/worker.sh): points train in lanes here",
+                    deployment.work_pool_name)
+        return None
+    logger.info("points go to work pool %s as flow runs of %s (%d worker(s) online)", deployment.work_pool_name, name,
+                len(online))
+    return name
+
+
+def _train_on_pool(deployment: str, pending: list, configs: list[dict], sweep_id: str, progress, logger,
+                   poll_s: float = 10.0) -> dict[str, str]:
+    """Each pending point as a flow run of `deployment` (a child of this flow run), taken by
+    whichever worker of its pool is free; waits for them all. Returns {point key: "finished" |
+    the final state's name, lower case}. A point a worker finished is "finished" through its
+    run folder or the tracking store (see `_finished`)."""
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.runtime import flow_run
+
+    runs = {}
+    for p, config in zip(pending, configs):
+        submitted = run_deployment(deployment, parameters={"config": config}, timeout=0, as_subflow=True,
+                                   flow_run_name=f"{sweep_id}/{run_name(p.cfg)}", tags=["resrl-sweep-point"],
+                                   idempotency_key=f"{flow_run.id}-{p.key}")  # once per sweep flow run
+        runs[p.key] = submitted.id
+    logger.info("%d points submitted to the work pool", len(runs))
+    ended: dict[str, str] = {}
+    with get_client(sync_client=True) as client:
+        progress.show()
+        while len(ended) < len(runs):
+            time.sleep(poll_s)
+            for key, run_id in runs.items():
+                state = client.read_flow_run(run_id).state if key not in ended else None
+                if state is not None and state.is_final():
+                    ended[key] = "finished" if state.is_completed() else state.name.lower()
+            progress.update(ended)
+    return ended
 
 
 def make_report(cfg, sweep_id: str, parent_id: str, logger) -> dict:
@@ -254,14 +326,26 @@ def make_report(cfg, sweep_id: str, parent_id: str, logger) -> dict:
 
 
 def _finished(point: SweepPoint) -> bool:
+    """Finished in its run folder here, or (trained on another machine's worker) a FINISHED run
+    of its config hash in the tracking store."""
     state = RunState.load(run_dir(point.cfg))
-    return state is not None and state.finished
+    return (state is not None and state.finished) or _store_run(point, finished=True) is not None
+
+
+def _store_run(point: SweepPoint, finished: bool = False):
+    """The newest MLflow run of this point's config (tag resrl.config_hash), FINISHED ones only with `finished`."""
+    query = f"tags.`resrl.config_hash` = '{point.key}'" + (" and attributes.status = 'FINISHED'" if finished else "")
+    found = tracking.search_runs(point.cfg, query, order_by=["attributes.start_time DESC"])
+    return found[0] if found else None
 
 
 def _point_record(point: SweepPoint, swept: list[str], status: str) -> dict:
     """What points.json says about one point: the report reads it back from MLflow."""
     state = RunState.load(run_dir(point.cfg))
+    run_id = state.mlflow_run_id if state else None
+    if run_id is None:  # trained by a worker on another machine: its run in the store
+        found = _store_run(point, finished=status == "finished") or _store_run(point)
+        run_id = found.info.run_id if found else None
     return {"key": point.key, "overrides": point.overrides, "run_name": run_name(point.cfg),
             "values": {k: OmegaConf.select(point.cfg, k) for k in swept},
-            "run_dir": str(run_dir(point.cfg)), "mlflow_run_id": state.mlflow_run_id if state else None,
-            "status": status}
+            "run_dir": str(run_dir(point.cfg)), "mlflow_run_id": run_id, "status": status}

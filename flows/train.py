@@ -5,6 +5,7 @@ Re-running the same config continues from the run folder's last checkpoint.
 """
 from __future__ import annotations
 
+import logging
 import resource
 import time
 from dataclasses import dataclass, field
@@ -21,6 +22,10 @@ from resrl.config import config_hash, from_dict, load_config, run_dir, to_dict, 
 from resrl.run_state import RunState, run_lock
 from tasks import tracking
 from tasks.steps import evaluate_policy, generate_rollouts, prepare_data, update_policy
+
+# resrl's own INFO lines (e.g. "waiting for another process building <cache entry>") reach the flow's
+# log: Prefect hands them its handlers (PREFECT_LOGGING_EXTRA_LOGGERS=resrl) but not a level
+logging.getLogger("resrl").setLevel(logging.INFO)
 
 
 @dataclass

@@ -38,6 +38,7 @@ _NOT_HASHED = (
     "run.system_metrics",
     "run.log_model",
     "run.concurrency_limit",
+    "run.sweep_deployment",
 )
 
 
