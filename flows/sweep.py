@@ -3,6 +3,10 @@ one of `concurrency` lane processes (each point with its own vLLM and DeepSpeed 
 logging to a child MLflow run under one parent run tagged with the sweep id. When the
 points are done, the comparison report (tasks/report.py) goes to the parent run and to
 the Prefect flow run. `resrl compare SWEEP_ID` rebuilds the report from MLflow alone.
+
+With a Prefect server (PREFECT_API_URL), the train deployment on it and a worker online on
+its pool, the points are instead flow runs of that deployment, taken by every worker of the
+pool (`pool_deployment`, `_train_on_pool`).
 """
 from __future__ import annotations
 
@@ -285,13 +289,23 @@ def _train_on_pool(deployment: str, pending: list, configs: list[dict], sweep_id
     ended: dict[str, str] = {}
     with get_client(sync_client=True) as client:
         progress.show()
-        while len(ended) < len(runs):
-            time.sleep(poll_s)
+        try:
+            while len(ended) < len(runs):
+                time.sleep(poll_s)
+                for key, run_id in runs.items():
+                    state = client.read_flow_run(run_id).state if key not in ended else None
+                    if state is not None and state.is_final():
+                        ended[key] = "finished" if state.is_completed() else state.name.lower()
+                progress.update(ended)
+        except BaseException:  # Ctrl-C, SIGTERM, an API error: the points of this sweep stop too
+            from prefect.states import Cancelled, Cancelling
+
             for key, run_id in runs.items():
-                state = client.read_flow_run(run_id).state if key not in ended else None
-                if state is not None and state.is_final():
-                    ended[key] = "finished" if state.is_completed() else state.name.lower()
-            progress.update(ended)
+                if key not in ended:
+                    running = client.read_flow_run(run_id).state.is_running()
+                    client.set_flow_run_state(run_id, Cancelling() if running else Cancelled(), force=True)
+            logger.warning("sweep %s stopped: its unfinished points' flow runs are cancelled", sweep_id)
+            raise
     return ended
 
 

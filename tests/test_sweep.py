@@ -566,3 +566,81 @@ def test_lanes_hold_slots_of_the_global_concurrency_limit(prefect_api_url, monke
         t.join(60)
     (a0, a1), (b0, b1) = sorted(spans)
     assert b0 >= a1 - 0.05, spans  # the second got the slot only when the first gave it back
+
+
+@pytest.mark.slow
+def test_a_sweep_on_a_work_pool_is_shared_by_two_workers(workdir, prefect_api_url, tmp_path):
+    """With a server, the train deployment and workers online, a sweep's points are flow runs on
+    the work pool: two process workers (one run at a time each) take one point each; the points
+    are the sweep flow run's children in Prefect and the parent MLflow run's in MLflow; a second
+    sweep finds them finished through the tracking store alone (run folders' state removed)."""
+    import asyncio
+    import time
+
+    from prefect.client.orchestration import get_client
+
+    pool, deployment = "resrl-test-pool", "resrl-train/pool-test"
+    env = dict(os.environ, PREFECT_API_URL=prefect_api_url, PYTHONPATH=str(ROOT), RESRL_ROOT=str(ROOT))
+    env.pop("MLFLOW_TRACKING_URI", None)
+    prefect = [sys.executable, "-m", "prefect"]
+
+    def run(cmd, timeout=300):
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc
+
+    run(prefect + ["work-pool", "create", pool, "--type", "process"])
+    run(prefect + ["--no-prompt", "deploy", "flows/train.py:train_flow", "-n", "pool-test", "-p", pool])
+    logs = [tmp_path / f"worker{i}.log" for i in (1, 2)]
+    workers = [subprocess.Popen(prefect + ["worker", "start", "--pool", pool, "--type", "process", "--limit", "1",
+                                           "--name", f"w{i}"], cwd=ROOT, env=env, stdout=open(log, "w"),
+                                stderr=subprocess.STDOUT) for i, log in zip((1, 2), logs)]
+    try:
+        async def online():
+            async with get_client() as c:
+                return [w.name for w in await c.read_workers_for_work_pool(pool)
+                        if str(getattr(w.status, "value", w.status)).upper() == "ONLINE"]
+
+        t0 = time.time()
+        while sorted(asyncio.run(online())) != ["w1", "w2"]:
+            assert time.time() - t0 < 180, "the workers did not come online"
+            time.sleep(2)
+        spec = {"name": "pool-sweep", "base": str(ROOT / "conf" / "smoke.yaml"),
+                "overrides": [f"run.cache_dir={workdir / 'cache'}", f"run.output_dir={tmp_path / 'out'}",
+                              "warmstart.enabled=false", "trainer.steps=1", "eval.every=1", "eval.num_prompts=8",
+                              "rollout.prompts_per_step=8", f"run.sweep_deployment={deployment}"],
+                "grid": {"algorithm.rank": [4, 8]}, "concurrency": 1, "register": None}
+        sweep_file = tmp_path / "pool.yaml"
+        sweep_file.write_text(yaml.safe_dump(spec))
+        cmd = [sys.executable, "-m", "resrl.cli", "sweep", "--config", str(sweep_file)]
+        first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+        out = first.stdout + first.stderr
+        assert first.returncode == 0, out[-5000:]
+        assert f"points go to work pool {pool} as flow runs of {deployment} (2 worker(s) online)" in out
+        assert first.stdout.count("  finished ") == 2 and "2/2 points done" in out
+        worker_logs = [log.read_text() for log in logs]
+        assert all("submitting flow run" in w.lower() for w in worker_logs), worker_logs  # each took a point
+
+        sweep = load_sweep(sweep_file)
+        client = MlflowClient(tracking_uri=__import__("tasks.tracking").tracking.tracking_uri(sweep.points[0].cfg))
+        exp = client.get_experiment_by_name("resrl")
+        parent = client.search_runs([exp.experiment_id], f"tags.`resrl.sweep_id` = '{sweep.sweep_id}'"
+                                                         " and tags.`resrl.role` = 'sweep'")[0]
+        children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+        assert sorted(r.info.status for r in children) == ["FINISHED", "FINISHED"]
+
+        async def parents(ids):
+            async with get_client() as c:
+                return [(await c.read_flow_run(i)).parent_task_run_id for i in ids]
+
+        assert all(asyncio.run(parents([r.data.tags["prefect.flow_run_id"] for r in children])))
+
+        for p in sweep.points:  # as if trained on another machine: only the store knows
+            (Path(p.cfg.run.output_dir) / __import__("resrl.config").config.run_name(p.cfg) / "state.json").unlink()
+        again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert again.returncode == 0 and (again.stdout + again.stderr).count("finished earlier, skipped") == 2
+    finally:
+        for w in workers:
+            w.terminate()
+        for w in workers:
+            w.wait(30)
