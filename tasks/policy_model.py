@@ -15,14 +15,12 @@ the completions without the prompt. For the raw weights, download the `policy` a
 """
 from __future__ import annotations
 
-import warnings
-
 import mlflow
 from mlflow.pyfunc import PythonModel
 
-# The signature (logged with the model) declares the input and a `max_new_tokens` param; type hints on
-# predict would replace it with one without params, so MLflow's advice to add them is not taken.
-warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
+# No type hints on predict: MLflow would infer a signature from them that has no params schema and
+# replace the logged one (which declares `max_new_tokens`). MLflow then prints its "Add type hints"
+# advice once per save/load, under a warnings filter of its own that callers cannot override.
 
 
 class PolicyModel(PythonModel):
