@@ -5,6 +5,7 @@ Re-running the same config continues from the run folder's last checkpoint.
 """
 from __future__ import annotations
 
+import logging
 import resource
 import time
 from dataclasses import dataclass, field
@@ -21,6 +22,10 @@ from resrl.config import config_hash, from_dict, load_config, run_dir, to_dict, 
 from resrl.run_state import RunState, run_lock
 from tasks import tracking
 from tasks.steps import evaluate_policy, generate_rollouts, prepare_data, update_policy
+
+# resrl's own INFO lines (e.g. "waiting for another process building <cache entry>") reach the flow's
+# log: Prefect hands them its handlers (PREFECT_LOGGING_EXTRA_LOGGERS=resrl) but not a level
+logging.getLogger("resrl").setLevel(logging.INFO)
 
 
 @dataclass
@@ -70,6 +75,7 @@ def _run(cfg, config: dict, rdir: Path, t_flow: float) -> dict:
         logger.info("Resuming %s from step %d (MLflow run %s).", rdir, state.step, state.mlflow_run_id)
     run_id = tracking.start_or_resume_run(cfg, state, rdir, flow_run_id=str(flow_run.id) if flow_run.id else "none")
     tracking.announce_run(cfg, run_id)
+    monitor = tracking.start_system_metrics(cfg, run_id)  # system/* every 10 s (run.system_metrics)
     try:
         result = _train(_Run(cfg, config, rdir, state, run_id, logger))
         total = time.time() - t_flow
@@ -78,22 +84,36 @@ def _run(cfg, config: dict, rdir: Path, t_flow: float) -> dict:
         summary_metrics["time/flow_s"] = total
         summary_metrics["sys/peak_rss_gb"] = _peak_rss_gb()
         tracking.log_metrics(cfg, run_id, summary_metrics, cfg.trainer.steps)
+        tracking.flush()  # every step's metrics stored before the run is FINISHED
+        tracking.stop_system_metrics(monitor)
         tracking.finish_run(cfg, run_id)
         state.finished = True
         state.save(rdir)
     except BaseException as exc:
         with interrupts.deferred():  # a second signal must not leave the run RUNNING
+            _flush_quietly(logger)
+            tracking.stop_system_metrics(monitor)
             status = tracking.fail_run(cfg, run_id, exc)
         # said here, where it happens (not by the caller, which cannot tell whether the run got this far)
         logger.error("MLflow run %s is marked %s (tag resrl.error); running the same config again continues "
                      "in that run. See: %s", run_id, status, tracking.run_url_hint(cfg))
         raise
     finally:
+        tracking.stop_system_metrics(monitor)  # (stopped already, unless something above raised first)
         from resrl.session import close_session
 
         close_session(str(rdir))  # free the engines; a later call starts from the checkpoint
     return {"run_dir": str(rdir), "mlflow_run_id": run_id, "tracking_uri": uri, "final_eval": result["final_eval"],
             "timings": timings, "peak_rss_gb": summary_metrics["sys/peak_rss_gb"], "already_finished": False}
+
+
+def _flush_quietly(logger) -> None:
+    """Store what is queued before a failed run is marked; a logging error is said, not raised over
+    the error that failed the run (the steps it lost are logged again on resume from the checkpoint)."""
+    try:
+        tracking.flush()
+    except Exception as exc:  # noqa: BLE001
+        logger.warning("some queued MLflow metrics were not stored: %s", exc)
 
 
 def _train(run: _Run) -> dict:
@@ -107,6 +127,7 @@ def _train(run: _Run) -> dict:
     if not state.data_logged and state.step == 0 and not state.evaluated:  # once per run, also across resumes
         if not tracking.logged_steps(cfg, run.run_id, next(iter(prepared["metrics"]))):  # (unless logged, then killed)
             tracking.log_metrics(cfg, run.run_id, prepared["metrics"], 0)
+            tracking.log_datasets(cfg, run.run_id, prepared["dataset_dir"])  # the train/test inputs
         state.data_logged = True
         state.save(run.rdir)
     if state.step > 0:  # the last commit's metrics, if an interruption kept them from MLflow
@@ -152,9 +173,12 @@ def _rl_step(run: _Run, prepared: dict, step: int) -> dict:
                     metrics["time/update_s"], f" | reward errors {errors}" if errors else "")
     if upd["checkpoint"]:
         save_step_metrics(Path(upd["checkpoint"]), run.uncommitted)
+        # The steps committed before are stored before this commit: only the newest commit's metrics
+        # can be in flight (queued below), and those are in its checkpoint to log again on a resume.
+        tracking.flush()
         run.state.step = step
         run.state.save(run.rdir)  # the commit
-        tracking.log_step_metrics(cfg, run.run_id, run.uncommitted)
+        tracking.log_step_metrics(cfg, run.run_id, run.uncommitted, synchronous=False)  # stored in the background
         run.uncommitted = []
         prune_checkpoints(run.rdir, cfg.run.keep_checkpoints, committed=step)
     return metrics

@@ -198,7 +198,11 @@ def _sweep(args) -> int:
     print()
     for p in result["points"]:
         print(f"  {p['status']:<28} {p['run_name']:<22} {p['overrides']}")
-    print(f"report:        {result['report_dir']}/report.md")
+    if result["report_dir"] is None:
+        print(f"report:        FAILED ({result['report_error']}); the points are unaffected")
+    else:
+        print(f"report:        {result['report_dir']}/report.md"
+              + (f"  (parts failed: {result['report_error']})" if result["report_error"] else ""))
     print(f"MLflow parent: {result['parent_run_id']}  (store: {result['tracking_uri']})")
     print(f"see it with:   {run_url_hint(sweep.points[0].cfg)}")
     print(f"rebuild with:  resrl compare {result['sweep_id']}" + (f" --config {args.config}" if args.config else ""))

@@ -35,6 +35,10 @@ _NOT_HASHED = (
     "run.progress",
     "run.sweep_id",
     "run.parent_run_id",
+    "run.system_metrics",
+    "run.log_model",
+    "run.concurrency_limit",
+    "run.sweep_deployment",
 )
 
 

@@ -20,6 +20,8 @@ PROCESS_DEFAULTS = {
     "TOKENIZERS_PARALLELISM": "false",
     "HF_HUB_OFFLINE": "1",                  # nothing is downloaded unless the user opts in
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "resrl",  # resrl's own log lines (e.g. a wait for a cache entry) in the flow's log
+    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",  # ... and outside a flow run just on the console
     # Prefect's temporary server gets 20 s to answer; 8 runs starting at once on 2 cores needed more
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
 }

@@ -10,6 +10,8 @@
     points:                        # optional extra points, each a mapping of overrides
       - {algorithm.name: grpo}
     concurrency: 2                 # grid points trained at once
+    register: my-policies          # Model Registry name for the best point's policy (alias `best`);
+                                   #   default: the sweep's name; null: register nothing
     report:
       headline: eval/pass_at_1     # metric of the heat map
       heatmap: [algorithm.rank, algorithm.min_weight]
@@ -36,7 +38,7 @@ from resrl.config import CONF_DIR, ConfigError, config_hash, load_config
 
 PROJECT_DIR = CONF_DIR.parent
 
-SWEEP_KEYS = {"name", "base", "overrides", "grid", "points", "concurrency", "report"}
+SWEEP_KEYS = {"name", "base", "overrides", "grid", "points", "concurrency", "report", "register"}
 REPORT_KEYS = {"headline", "heatmap", "reference", "primary"}
 
 
@@ -86,6 +88,14 @@ def report_settings(spec: dict) -> ReportSettings:
         raise ConfigError("report.primary needs report.reference (the comparisons are against it)")
     return ReportSettings(headline=report.get("headline", DEFAULT_HEADLINE), heatmap=heatmap,
                           reference=report.get("reference"), primary=primary)
+
+
+def registry_name(spec: dict, sweep_id: str) -> str | None:
+    """Where the sweep's best policy is registered: `register:` of the sweep file, else the sweep's
+    name (its id without the digest); None when the file says `register: null`."""
+    if "register" in spec:
+        return None if spec["register"] in (None, False, "") else str(spec["register"])
+    return spec.get("name") or sweep_id.rsplit("-", 1)[0]
 
 
 def _as_override(key: str, value) -> str:

@@ -79,31 +79,84 @@ def sweep_runs(cfg, sweep_id: str) -> tuple[str, pd.DataFrame, dict, list[str]]:
         row = {"run_name": p["run_name"], "status": p["status"], "mlflow_run_id": p["mlflow_run_id"]}
         row.update(p["values"])  # every swept key, from the point's resolved config
         if p["mlflow_run_id"]:
-            run = client.get_run(p["mlflow_run_id"])
+            try:
+                run = client.get_run(p["mlflow_run_id"])
+                histories = {metric: {m.step: m.value for m in client.get_metric_history(p["mlflow_run_id"], metric)}
+                             for metric in ("train/lld", "train/disp/seq_logp_change", "eval/pass_at_1")}
+            except Exception as exc:  # noqa: BLE001 - a deleted run is one point without data, not a lost report
+                row["status"] = f"{p['status']} (MLflow run unreadable: {type(exc).__name__})"
+                rows.append(row)
+                continue
             row["status"] = "finished" if run.info.status == "FINISHED" else p["status"]
             row.update(final_eval_metrics(run.data.metrics))
             for metric, column, mean_key in (("train/lld", "lld_curve", "train/lld_mean"),
                                              ("train/disp/seq_logp_change", "disp_curve", "train/disp_mean")):
-                history = {m.step: m.value for m in client.get_metric_history(p["mlflow_run_id"], metric)}
+                history = histories[metric]
                 row[column] = dict(sorted(history.items()))
                 finite = [v for v in history.values() if v == v]
                 row[mean_key] = sum(finite) / len(finite) if finite else float("nan")
-            curve = {m.step: m.value for m in client.get_metric_history(p["mlflow_run_id"], "eval/pass_at_1")}
-            row["curve/pass_at_1_area"] = curve_area(curve)
+            row["curve/pass_at_1_area"] = curve_area(histories["eval/pass_at_1"])
         rows.append(row)
     swept = list(dict.fromkeys(k for p in points for k in p["values"]))
     return parent, pd.DataFrame(rows), spec, swept
 
 
+REPORT_TAG = "resrl.report"              # complete | partial (some parts failed) | failed
+REPORT_ERROR_TAG = "resrl.report_error"  # what failed, when something did
+
+
 def build_report(cfg, sweep_id: str) -> dict:
-    """Write the comparison report from MLflow data and log it to the sweep's parent run."""
+    """Write the comparison report from MLflow data and log it to the sweep's parent run.
+
+    A part of the report that fails (a plot, the paired table) leaves the others written; the
+    parent run is tagged `resrl.report` = complete or partial, with the failed parts in
+    `resrl.report_error`. An error before any part is written (the store unreadable) raises:
+    the sweep marks the report failed (`report_failed`)."""
     parent, runs, spec, swept = sweep_runs(cfg, sweep_id)
     group_keys = [k for k in swept if k != "seed" and k in runs.columns]
     settings = report_settings(spec)
     out = Path(cfg.run.output_dir) / "sweeps" / sweep_id
+    errors: dict[str, str] = {}
     files = write_report(runs, out, sweep_id=sweep_id, group_keys=group_keys, headline=settings.headline,
-                         heatmap=settings.heatmap, reference=settings.reference, primary=settings.primary)
+                         heatmap=settings.heatmap, reference=settings.reference, primary=settings.primary,
+                         errors=errors)
     client = tracking.client_for(cfg)
     for path in files.values():
         client.log_artifact(parent, str(path), artifact_path="report")
-    return {"dir": str(out), "markdown": files["markdown"].read_text(), "files": files}
+    client.set_tag(parent, REPORT_TAG, "partial" if errors else "complete")
+    if errors:
+        client.set_tag(parent, REPORT_ERROR_TAG, "; ".join(f"{k}: {v}" for k, v in errors.items())[:4000])
+    elif REPORT_ERROR_TAG in client.get_run(parent).data.tags:  # left by an earlier, failed report
+        client.delete_tag(parent, REPORT_ERROR_TAG)
+    return {"dir": str(out), "markdown": files["markdown"].read_text(), "files": files, "errors": errors,
+            "parent": parent, "runs": runs, "group_keys": group_keys, "headline": settings.headline, "spec": spec}
+
+
+def register_best(cfg, report: dict, sweep_id: str) -> dict | None:
+    """Register the best point's final policy (resrl.report.best_point on the headline metric) in
+    the Model Registry under the sweep's `register` name with the alias `best`, and tag the parent
+    run with it. Returns {"name", "version", "run_name", "value"}, or None when nothing is registered
+    (`register: null`, no finished point with the metric, or the point logged no model)."""
+    from resrl.report import best_point
+    from resrl.sweep import registry_name
+
+    name = registry_name(report["spec"], sweep_id)
+    best = best_point(report["runs"], report["group_keys"], report["headline"]) if name else None
+    if best is None or not best.get("mlflow_run_id"):
+        return None
+    version = tracking.register_model(cfg, name, best["mlflow_run_id"], alias="best")
+    if version is None:
+        return None
+    client = tracking.client_for(cfg)
+    client.set_tag(report["parent"], "resrl.best_model", f"models:/{name}@best (version {version}, {best['run_name']})")
+    return {"name": name, "version": version, "run_name": best["run_name"], "value": best[report["headline"]]}
+
+
+def report_failed(cfg, parent_run_id: str, exc: BaseException) -> str:
+    """Tag the sweep's parent run with a failed report (`resrl.report=failed`, the error in
+    `resrl.report_error`); returns the error as one line. The sweep itself is not failed by it."""
+    error = f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:4000]
+    client = tracking.client_for(cfg)
+    client.set_tag(parent_run_id, REPORT_TAG, "failed")
+    client.set_tag(parent_run_id, REPORT_ERROR_TAG, error)
+    return error

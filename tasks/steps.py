@@ -41,7 +41,24 @@ def _session(config: dict, prepared: dict) -> tuple[object, dict[str, float]]:
     return session, {"time/engine_start_s": time.time() - t0}
 
 
-@task(name="prepare-data", cache_policy=NO_CACHE)
+def retry_unless_user_error(task, task_run, state) -> bool:
+    """Prefect's retry condition for the idempotent tasks: an error a retry cannot fix (a
+    UserError: bad data, a missing model, a bad config) fails at once. Interrupts (Ctrl-C,
+    SIGTERM) are never retried by Prefect."""
+    from resrl.errors import UserError
+
+    return not isinstance(state.data, UserError)
+
+
+# Retries only where running a task again is safe and could succeed (README, "Retries"):
+#   prepare-data         idempotent: content-addressed cache entries, built under a lock, renamed when whole;
+#                        a transient error (disk, a hub download with HF_HUB_OFFLINE=0) can pass
+#   evaluate-checkpoint  idempotent: reads a saved checkpoint with a fresh engine, returns metrics
+#   rollout, update, evaluate: not retried. They run on the run's live engines; an update that fails
+#   midway has changed the weights or the optimizer in memory, so running it again is not the same
+#   step. A failed run is resumed from its last checkpoint by running it again instead.
+@task(name="prepare-data", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5,
+      retry_condition_fn=retry_unless_user_error)
 def prepare_data(config: dict) -> dict:
     """Dataset and starting policy (built once per config, then reused from the cache)."""
     from resrl.prepare import prepare
@@ -96,7 +113,8 @@ def evaluate_policy(config: dict, prepared: dict, step: int, final: bool = False
     return {"metrics": metrics, "dir": str(out), "samples_file": str(samples_file), "plot_file": str(plot_file)}
 
 
-@task(name="evaluate-checkpoint", cache_policy=NO_CACHE)
+@task(name="evaluate-checkpoint", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=30,
+      retry_condition_fn=retry_unless_user_error)
 def evaluate_checkpoint(config: dict, ckpt_dir: str) -> dict:
     """Avg@k / Pass@k of a saved checkpoint's policy on the held-out prompts, with a fresh vLLM
     engine (the scheduled evaluation of a run that may have finished long ago)."""

@@ -145,7 +145,12 @@ def log_config_params(cfg, run_id: str) -> None:
         client.log_batch(run_id, params=params[i:i + 100])
 
 
-def log_metrics(cfg, run_id: str, metrics: dict[str, float], step: int) -> None:
+_PENDING: list = []  # this process's asynchronous log calls not yet known to be stored (RunOperations)
+
+
+def log_metrics(cfg, run_id: str, metrics: dict[str, float], step: int, synchronous: bool = True) -> None:
+    """Metrics at `step`. With synchronous=False the call returns at once and MLflow's background
+    queue stores them; `flush()` waits until they are stored (and raises if they could not be)."""
     import math
     import time
 
@@ -156,7 +161,17 @@ def log_metrics(cfg, run_id: str, metrics: dict[str, float], step: int) -> None:
              if v is not None and not (isinstance(v, float) and math.isnan(v))]
     client = client_for(cfg)
     for i in range(0, len(batch), 1000):
-        client.log_batch(run_id, metrics=batch[i:i + 1000])
+        ops = client.log_batch(run_id, metrics=batch[i:i + 1000], synchronous=synchronous)
+        if not synchronous and ops is not None:
+            _PENDING.append(ops)
+
+
+def flush() -> None:
+    """Wait for every asynchronous log call of this process to be stored; raises (MlflowException)
+    when one failed. (`mlflow.flush_async_logging()` flushes only the default tracking URI's store;
+    the RunOperations each call returned name exactly what this process queued.)"""
+    while _PENDING:
+        _PENDING.pop(0).wait()
 
 
 def logged_steps(cfg, run_id: str, key: str) -> set[int]:
@@ -164,13 +179,14 @@ def logged_steps(cfg, run_id: str, key: str) -> set[int]:
     return {m.step for m in client_for(cfg).get_metric_history(run_id, key)}
 
 
-def log_step_metrics(cfg, run_id: str, entries: list[tuple[int, dict]], only_missing: bool = False) -> None:
+def log_step_metrics(cfg, run_id: str, entries: list[tuple[int, dict]], only_missing: bool = False,
+                     synchronous: bool = True) -> None:
     """Each (step, metrics); with only_missing, just the steps whose train/reward_mean is not
     in MLflow yet (after an interruption between a commit and its logging)."""
     done = logged_steps(cfg, run_id, "train/reward_mean") if only_missing else set()
     for step, metrics in entries:
         if step not in done:
-            log_metrics(cfg, run_id, metrics, step)
+            log_metrics(cfg, run_id, metrics, step, synchronous=synchronous)
 
 
 LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default (and run_url_hint starts it)
@@ -273,9 +289,149 @@ def log_eval_files(cfg, run_id: str, samples_file: Path, plot_file: Path, artifa
     client.log_artifact(run_id, str(plot_file), artifact_path=artifact_dir)
 
 
-def log_policy(cfg, run_id: str, policy_dir: Path) -> None:
-    """The policy folder as the run's `policy/` artifact (loads with from_pretrained)."""
+def log_policy(cfg, run_id: str, policy_dir: Path) -> str | None:
+    """The policy folder as the run's `policy/` artifact (loads with from_pretrained) and, with
+    run.log_model, as an MLflow model (`log_policy_model`); returns the model's id (or None)."""
+    from omegaconf import OmegaConf
+
     client_for(cfg).log_artifacts(run_id, str(policy_dir), artifact_path="policy")
+    if OmegaConf.select(cfg, "run.log_model", default=False):
+        return log_policy_model(cfg, run_id, policy_dir)
+    return None
+
+
+POLICY_MODEL_NAME = "policy"
+MODEL_ID_TAG = "resrl.model_id"  # on the training run: its final policy's MLflow model
+
+
+def log_policy_model(cfg, run_id: str, policy_dir: Path, step: int | None = None) -> str:
+    """The policy as an MLflow model (pyfunc, tasks/policy_model.py) that is an output of the run:
+    it shows under the run's "Logged models", loads with `mlflow.pyfunc.load_model("models:/<id>")`
+    without network access, and can be registered. Built with MlflowClient calls for this run id
+    (`mlflow.pyfunc.log_model` logs to the process's active run and default store). Returns its id;
+    the run is tagged `resrl.model_id`."""
+    import importlib.metadata
+    import tempfile
+    import warnings
+
+    import mlflow.pyfunc
+    from mlflow.entities import LoggedModelOutput
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    from resrl.config import config_hash, run_name
+
+    client = client_for(cfg)
+    run = client.get_run(run_id)
+    step = cfg.trainer.steps if step is None else step
+    model = client.create_logged_model(run.info.experiment_id, name=POLICY_MODEL_NAME, source_run_id=run_id,
+                                       model_type="causal-lm policy",
+                                       params={"algorithm.name": cfg.algorithm.name, "config_hash": config_hash(cfg)},
+                                       tags={"resrl.run_name": run_name(cfg)})
+    try:
+        signature = ModelSignature(inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")]),
+                                   params=ParamSchema([ParamSpec("max_new_tokens", "long", cfg.eval.max_tokens)]))
+        requirements = [f"{pkg}=={importlib.metadata.version(pkg).split('+')[0]}"
+                        for pkg in ("mlflow", "torch", "transformers", "safetensors", "tokenizers")]
+        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "add type hints", "no input example": the signature is given
+            local = Path(tmp) / "model"
+            mlflow.pyfunc.save_model(
+                str(local), python_model=str(Path(__file__).with_name("policy_model.py")),
+                artifacts={"policy": str(policy_dir)}, model_config={"max_new_tokens": cfg.eval.max_tokens},
+                signature=signature, pip_requirements=requirements,  # given: no inference (no subprocess, no load)
+                mlflow_model=mlflow.models.Model(model_id=model.model_id, run_id=run_id,
+                                                 artifact_path=model.artifact_location))
+            client.log_model_artifacts(model.model_id, str(local))
+        client.finalize_logged_model(model.model_id, "READY")
+    except BaseException:
+        client.finalize_logged_model(model.model_id, "FAILED")
+        raise
+    client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=step)])
+    client.set_tag(run_id, MODEL_ID_TAG, model.model_id)
+    return model.model_id
+
+
+def register_model(cfg, name: str, run_id: str, alias: str = "best") -> str | None:
+    """Register the final policy model of training run `run_id` as a new version of `name` in the
+    Model Registry (created if needed) and point `alias` at it; nothing new when the alias already
+    points at that run's model. Returns the version, or None when the run logged no model."""
+    from mlflow.exceptions import MlflowException
+
+    client = client_for(cfg)
+    model_id = client.get_run(run_id).data.tags.get(MODEL_ID_TAG)
+    if model_id is None:
+        return None
+    try:
+        client.create_registered_model(name, description="Final policies of resrl runs (tasks/policy_model.py)")
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    try:
+        current = client.get_model_version_by_alias(name, alias)
+        if current.model_id == model_id or current.run_id == run_id:
+            return str(current.version)
+    except MlflowException:
+        pass  # no such alias yet
+    # the files' location as the source: a SQLite registry resolves a models:/ source with the process's
+    # default tracking URI, not this client's (it then finds no such model)
+    source = client.get_logged_model(model_id).artifact_location
+    version = client.create_model_version(name, source=source, run_id=run_id, model_id=model_id)
+    client.set_registered_model_alias(name, alias, str(version.version))
+    return str(version.version)
+
+
+# ----------------------------------------------------------------------------- system metrics and datasets
+
+def start_system_metrics(cfg, run_id: str):
+    """With run.system_metrics, MLflow's system metrics for the run: a thread samples CPU, memory,
+    disk and network (GPU where MLflow finds one) every MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL
+    seconds (default 10) and logs them as `system/*`, continuing the run's earlier steps on a resume.
+    It is the monitor `mlflow.start_run(log_system_metrics=True)` starts, here for an explicit run
+    id. Returns it (stop it with `stop_system_metrics`), or None when off."""
+    import logging
+
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.select(cfg, "run.system_metrics", default=False):
+        return None
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop lines per run
+    monitor = SystemMetricsMonitor(run_id, resume_logging=True, tracking_uri=open_store(cfg))
+    monitor.start()
+    return monitor
+
+
+def stop_system_metrics(monitor) -> None:
+    """Stop the monitor's thread and store its last samples (a no-op for None or a stopped one)."""
+    if monitor is not None:
+        monitor.finish()
+
+
+def log_datasets(cfg, run_id: str, dataset_dir: str | Path) -> None:
+    """The prepared train and test splits as the run's MLflow dataset inputs (context `train` /
+    `test`): name `<data.source>-<cache key>`, a digest of the rows, the schema, the row count, and
+    the prepared folder as the source."""
+    import warnings
+
+    import mlflow.data
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    from resrl.data import load_prepared
+
+    dataset_dir = Path(dataset_dir).resolve()
+    prepared = load_prepared(dataset_dir)
+    inputs = []
+    for split in prepared.keys():
+        with warnings.catch_warnings():  # "can be interpreted in multiple ways": both are the local folder
+            warnings.simplefilter("ignore")
+            ds = mlflow.data.from_huggingface(prepared[split], source=str(dataset_dir),
+                                              name=f"{cfg.data.source}-{dataset_dir.name}")
+        inputs.append(DatasetInput(dataset=ds._to_mlflow_entity(),
+                                   tags=[InputTag(key=MLFLOW_DATASET_CONTEXT, value=split)]))
+    client_for(cfg).log_inputs(run_id, datasets=inputs)
 
 
 # ----------------------------------------------------------------------------- reading a run back

@@ -153,3 +153,18 @@ def test_cuda_without_a_cuda_device_is_refused_at_load(monkeypatch):
     with pytest.raises(ConfigError, match="trainer.device=cuda but no CUDA device is visible"):
         load_config(None, ["trainer.device=cuda"])
     assert load_config(None, ["trainer.device=auto"]).trainer.device == "auto"
+
+
+def test_mlflow_bookkeeping_keys_leave_the_hash_of_existing_runs():
+    """run.system_metrics, run.log_model, run.concurrency_limit and run.sweep_deployment came after runs existed: a
+    config without them (as those runs were hashed) has the same hash, so those runs are found
+    and resumed, not redone."""
+    from omegaconf import OmegaConf, open_dict
+
+    cfg = load_config(None, ["run.system_metrics=false", "run.log_model=false", "run.concurrency_limit=other",
+                             "run.sweep_deployment=null"])
+    old = OmegaConf.create(OmegaConf.to_container(cfg))
+    with open_dict(old):
+        for key in ("system_metrics", "log_model", "concurrency_limit", "sweep_deployment"):
+            del old.run[key]
+    assert config_hash(cfg) == config_hash(old) == config_hash(load_config())

@@ -284,3 +284,368 @@ def test_a_fixed_run_name_still_gives_each_point_its_own_folder(tmp_path):
     points = load_sweep(f).points
     dirs = {run_dir(p.cfg) for p in points}
     assert len(dirs) == 2 and all(d.name.startswith("mine-") for d in dirs)
+
+
+# ----------------------------------------------------------------------------- reports that never crash a sweep
+
+def _smoke_shaped_runs(seeds=(0,), failed=(), drop=()) -> pd.DataFrame:
+    """A run table shaped like conf/sweep/smoke.yaml's: rank {4, 16} x min_weight {0.1, 0.5}, one row per seed.
+    Points in `failed` did not finish (no metrics); metrics in `drop` are missing from every run."""
+    rows = []
+    for r in (4, 16):
+        for m in (0.1, 0.5):
+            for s in seeds:
+                row = {"run_name": f"r{r}-m{m}-s{s}", "algorithm.rank": r, "algorithm.min_weight": m, "seed": s}
+                if (r, m) in failed:
+                    row["status"] = "failed"
+                else:
+                    p1 = round(0.01 * r + m + 0.01 * s, 4)
+                    row.update({"status": "finished", "eval/pass_at_1": p1, "eval/pass_at_2": p1 + 0.1,
+                                "eval/avg_at_2": p1, "train/lld_mean": -0.01, "lld_curve": {1: -0.01, 2: -0.02}})
+                    for d in drop:
+                        row.pop(d, None)
+                rows.append(row)
+    return pd.DataFrame(rows)
+
+
+SMOKE_REPORT = dict(sweep_id="s", group_keys=["algorithm.rank", "algorithm.min_weight"], headline="eval/pass_at_1",
+                    heatmap=["algorithm.rank", "algorithm.min_weight"])
+
+
+def test_report_of_a_one_seed_sweep_with_a_2x2_heat_map(tmp_path):
+    """conf/sweep/smoke.yaml's shape: with one seed the intervals are empty, which used to end the
+    sweep with an IndexError in the heat map after every point had trained."""
+    files = write_report(_smoke_shaped_runs(), tmp_path, **SMOKE_REPORT)  # no `errors`: any part's error raises
+    assert {"curves", "lld", "heatmap", "heatmap_csv", "markdown", "csv"} <= set(files)
+    cells = pd.read_csv(files["heatmap_csv"])
+    assert len(cells) == 4 and list(cells["runs"]) == [1, 1, 1, 1] and cells["ci95"].isna().all()
+    got = {(r["algorithm.rank"], r["algorithm.min_weight"]): r["mean"] for r in cells.to_dict("records")}
+    assert got == {(4, 0.1): pytest.approx(0.14), (4, 0.5): pytest.approx(0.54), (16, 0.1): pytest.approx(0.26),
+                   (16, 0.5): pytest.approx(0.66)}
+    md = files["markdown"].read_text()
+    assert "| 16 | 0.5 | 1 | 0 | 0.660 | 0.660 | 0.760 | -0.010 |" in md  # values without an interval
+    assert "±" not in md.split("|---|", 1)[1] and "## Parts that failed" not in md
+
+
+def test_report_of_a_single_point(tmp_path):
+    runs = pd.DataFrame([{"run_name": "only", "status": "finished", "algorithm.rank": 8, "algorithm.min_weight": 0.1,
+                          "seed": 0, "eval/pass_at_1": 0.5, "eval/avg_at_1": 0.5, "lld_curve": {3: -0.1}}])
+    files = write_report(runs, tmp_path, **SMOKE_REPORT, reference={"algorithm.rank": 8, "algorithm.min_weight": 0.1})
+    md = files["markdown"].read_text()
+    assert "| 8 | 0.1 | 1 | 0 | 0.500 | 0.500 |" in md
+    assert "paired differences: no other configuration finished" in md and "paired" not in files
+    assert list(pd.read_csv(files["heatmap_csv"])["mean"]) == [0.5]  # a 1 x 1 heat map
+    # a sweep of seeds only: nothing to group by
+    files = write_report(runs, tmp_path / "seeds", sweep_id="s", group_keys=[], headline="eval/pass_at_1",
+                         heatmap=[], reference={"algorithm.rank": 8})
+    md = files["markdown"].read_text()
+    assert "| 1 | 0 | 0.500 | 0.500 |" in md and "the sweep varies nothing but the seed" in md
+
+
+def test_report_with_failed_points(tmp_path):
+    files = write_report(_smoke_shaped_runs(seeds=(0, 1), failed=[(16, 0.5)]), tmp_path, **SMOKE_REPORT,
+                         reference={"algorithm.rank": 4, "algorithm.min_weight": 0.1})
+    cells = pd.read_csv(files["heatmap_csv"]).set_index(["algorithm.rank", "algorithm.min_weight"])
+    assert cells.loc[(16, 0.5), "runs"] == 0 and math.isnan(cells.loc[(16, 0.5), "mean"])  # an empty cell
+    assert cells.loc[(4, 0.1), "runs"] == 2 and cells.loc[(4, 0.1), "mean"] == pytest.approx(0.145)
+    md = files["markdown"].read_text()
+    assert "| 16 | 0.5 | 2 | 2 | - | - | - | - |" in md and "- r16-m0.5-s1: failed" in md
+    paired = pd.read_csv(files["paired"])
+    assert list(paired["seeds"]) == [2, 2]  # the two other finished configurations; the failed one has none
+    # every point failed: the report still says so, with no plots
+    files = write_report(_smoke_shaped_runs(failed=[(r, m) for r in (4, 16) for m in (0.1, 0.5)]),
+                         tmp_path / "none", **SMOKE_REPORT, reference={"algorithm.rank": 4, "algorithm.min_weight": 0.1})
+    md = files["markdown"].read_text()
+    assert "4 runs, 0 finished, 4 not finished" in md
+    assert "heat map: no finished run has eval/pass_at_1" in md
+    assert "paired differences: no finished run of the reference" in md
+    assert not {"curves", "lld", "heatmap", "paired"} & set(files)
+
+
+def test_report_with_missing_metrics(tmp_path):
+    runs = _smoke_shaped_runs(drop=["lld_curve", "train/lld_mean"])
+    runs.loc[0, "eval/pass_at_2"] = float("nan")  # one run lacks a metric the others have
+    files = write_report(runs, tmp_path, **{**SMOKE_REPORT, "headline": "eval/pass_at_64"})  # logged by no run
+    md = files["markdown"].read_text()
+    assert "heat map: no finished run has eval/pass_at_64" in md
+    assert "LLD curves: no run has a train/lld history" in md
+    assert "| 4 | 0.1 | 1 | 0 | 0.140 | 0.140 | - |" in md  # that run's pass@2 is missing, not 0
+    assert "curves" in files and not {"heatmap", "lld"} & set(files)
+    # no evaluation metric at all (every run failed before its first evaluation, say)
+    bare = runs[["run_name", "status", "algorithm.rank", "algorithm.min_weight", "seed"]]
+    md = write_report(bare, tmp_path / "bare", **SMOKE_REPORT)["markdown"].read_text()
+    assert "no run has evaluation metrics" in md
+
+
+def test_a_failing_report_part_leaves_the_others(tmp_path, monkeypatch):
+    import resrl.report as report
+
+    def broken(*args, **kwargs):
+        raise ValueError("drawing failed")
+
+    monkeypatch.setattr(report, "_lld_plot", broken)
+    with pytest.raises(ValueError):  # without an errors dict (the tests' setting) it raises
+        write_report(_smoke_shaped_runs(), tmp_path, **SMOKE_REPORT)
+    errors = {}
+    files = write_report(_smoke_shaped_runs(), tmp_path, **SMOKE_REPORT, errors=errors)
+    assert errors == {"LLD curves": "ValueError: drawing failed",  # both curve plots use it
+                      "displacement curves": "ValueError: drawing failed"}
+    assert {"curves", "heatmap", "markdown", "csv"} <= set(files) and "lld" not in files
+    assert "- LLD curves: ValueError: drawing failed" in files["markdown"].read_text()
+
+
+@pytest.mark.slow  # a new SQLite store's schema migration alone takes ~10 s on 2 cores
+def test_sweep_report_from_mlflow_and_a_failed_report_is_a_tag_not_a_failed_sweep(tmp_path, monkeypatch):
+    """The report path of a finished sweep, on a real MLflow store with runs shaped like the smoke
+    sweep's (one seed), without training: a complete report is tagged so; one that raises is tagged
+    failed with its error on the parent run, and the flow's helper returns instead of raising."""
+    import logging
+
+    import flows.sweep as sweep_module
+    from resrl.config import load_config
+    from tasks import tracking
+    from tasks.report import POINTS_FILE, REPORT_ERROR_TAG, REPORT_TAG, build_report, start_or_resume_sweep_run
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = load_config(ROOT / "conf" / "smoke.yaml", [f"run.output_dir={tmp_path}"])
+    spec = yaml.safe_load((ROOT / "conf" / "sweep" / "smoke.yaml").read_text())
+    parent = start_or_resume_sweep_run(cfg, "smoke-x", spec)
+    client = MlflowClient(tracking_uri=tracking.tracking_uri(cfg))
+    points = []
+    for rank in (4, 16):
+        for mw in (0.1, 0.5):
+            run_id = tracking.start_run(cfg, f"p{rank}-{mw}", tags={}, parent_run_id=parent)
+            tracking.log_metrics(cfg, run_id, {"eval/k": 4, "eval/pass_at_1": rank / 100 + mw, "eval/avg_at_4": 0.2,
+                                               "eval/pass_at_4": 0.9}, 2)
+            tracking.log_metrics(cfg, run_id, {"train/lld": -0.01}, 1)
+            tracking.finish_run(cfg, run_id)
+            points.append({"key": run_id[:6], "overrides": {}, "run_name": f"p{rank}-{mw}", "mlflow_run_id": run_id,
+                           "values": {"algorithm.rank": rank, "algorithm.min_weight": mw, "seed": 0},
+                           "status": "finished", "run_dir": ""})
+    points.append({"key": "dead", "overrides": {}, "run_name": "gone", "mlflow_run_id": None, "status": "failed",
+                   "values": {"algorithm.rank": 16, "algorithm.min_weight": 0.5, "seed": 1}, "run_dir": ""})
+    client.log_text(parent, json.dumps(points), POINTS_FILE)
+
+    report = build_report(cfg, "smoke-x")
+    assert report["errors"] == {}
+    tags = client.get_run(parent).data.tags
+    assert tags[REPORT_TAG] == "complete" and REPORT_ERROR_TAG not in tags
+    logged = {a.path for a in client.list_artifacts(parent, "report")}
+    assert {"report/report.md", "report/heatmap.png", "report/heatmap.csv", "report/lld.png"} <= logged
+    cells = pd.read_csv(Path(report["dir"]) / "heatmap.csv")
+    assert list(cells["runs"]) == [1, 1, 1, 1] and cells["mean"].tolist() == pytest.approx([0.14, 0.54, 0.26, 0.66])
+
+    def broken(cfg, sweep_id):
+        raise KeyError("points.json")
+
+    monkeypatch.setattr(sweep_module, "build_report", broken)
+    got = sweep_module.make_report(cfg, "smoke-x", parent, logging.getLogger("test"))
+    assert got["dir"] is None and got["error"] == "KeyError: 'points.json'" and "resrl compare smoke-x" in got["markdown"]
+    tags = client.get_run(parent).data.tags
+    assert tags[REPORT_TAG] == "failed" and tags[REPORT_ERROR_TAG] == "KeyError: 'points.json'"
+    # a later report that works clears the error
+    monkeypatch.setattr(sweep_module, "build_report", build_report)
+    assert sweep_module.make_report(cfg, "smoke-x", parent, logging.getLogger("test"))["error"] is None
+    tags = client.get_run(parent).data.tags
+    assert tags[REPORT_TAG] == "complete" and REPORT_ERROR_TAG not in tags
+
+
+# ----------------------------------------------------------------------------- Prefect: progress, slots, retries
+
+class _FakeLane:
+    """A lane process that ends `after` seconds from now, marking its points done on the way."""
+
+    def __init__(self, claims: Path, points: list[tuple[float, str, str]]):
+        import threading
+
+        self.thread = threading.Thread(target=self._run, args=(claims, points))
+        self.thread.start()
+
+    @staticmethod
+    def _run(claims, points):
+        import time
+
+        for delay, key, status in points:
+            time.sleep(delay)
+            (claims / f"{key}.done").write_text(status)
+
+    def join(self, timeout=None):
+        self.thread.join(timeout)
+
+    def is_alive(self):
+        return self.thread.is_alive()
+
+
+def test_sweep_progress_is_logged_and_kept_in_a_progress_artifact(tmp_path, monkeypatch):
+    import logging
+
+    import prefect.artifacts
+
+    from flows.sweep import Progress
+
+    calls = []
+    monkeypatch.setattr(prefect.artifacts, "create_progress_artifact",
+                        lambda progress, key=None, description=None: calls.append(("create", progress, key,
+                                                                                    description)) or "id-1")
+    monkeypatch.setattr(prefect.artifacts, "update_progress_artifact",
+                        lambda artifact_id, progress, description=None: calls.append(("update", progress, artifact_id,
+                                                                                      description)))
+    lines = []
+
+    class Capture(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+
+    logger = logging.getLogger("test-progress")
+    logger.addHandler(Capture())
+    logger.setLevel(logging.INFO)
+    # 5 points: 1 finished in an earlier sweep, 4 trained now by two lanes; one of them fails
+    lanes = [_FakeLane(tmp_path, [(0.3, "a", "finished"), (0.6, "b", "failed")]),
+             _FakeLane(tmp_path, [(0.5, "c", "finished"), (0.6, "d", "finished")])]
+    Progress("sw", total=5, done_before=1, logger=logger).watch(lanes, tmp_path, poll_s=0.05)
+    assert calls[0][:3] == ("create", 20.0, "sweep-progress")
+    assert lines[0] == "sweep sw: 1/5 points done, time left: known after the first point"
+    assert calls[-1][:3] == ("update", 100.0, "id-1") and calls[-1][3] == "Sweep sw: 5/5 points done (1 failed)"
+    assert [c[1] for c in calls] == sorted(c[1] for c in calls) and len(calls) >= 3
+    middle = [line for line in lines if "left" in line and "known after" not in line]
+    assert middle and all(" s left" in line for line in middle)  # a time left once a point is done
+
+
+def test_retries_only_on_idempotent_tasks_and_not_for_user_errors():
+    from prefect.states import Failed
+
+    from resrl.data import DataError
+    from tasks import steps
+
+    assert steps.prepare_data.retries == 2 and steps.evaluate_checkpoint.retries == 1
+    for not_idempotent in (steps.generate_rollouts, steps.update_policy, steps.evaluate_policy):
+        assert not_idempotent.retries == 0, not_idempotent.name
+    check = steps.prepare_data.retry_condition_fn
+    assert check(None, None, Failed(data=OSError("disk full"))) is True
+    assert check(None, None, Failed(data=DataError("no usable rows"))) is False
+
+
+def test_lanes_hold_slots_of_the_global_concurrency_limit(prefect_api_url, monkeypatch):
+    """Two holders of a 1-slot limit train one after the other; a limit the server lacks is no limit."""
+    import asyncio
+    import logging
+    import threading
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+
+    from flows.sweep import _slot, slot_limit_for
+    from resrl.config import load_config
+
+    async def create():
+        async with get_client() as c:
+            await c.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name="test-train-slots", limit=1))
+
+    asyncio.run(create())
+    monkeypatch.setenv("PREFECT_API_URL", prefect_api_url)
+    logger = logging.getLogger("test-slots")
+    assert slot_limit_for(load_config(None, ["run.concurrency_limit=test-train-slots"]), logger) == "test-train-slots"
+    assert slot_limit_for(load_config(None, ["run.concurrency_limit=no-such-limit"]), logger) is None
+    assert slot_limit_for(load_config(None, ["run.concurrency_limit=null"]), logger) is None
+    monkeypatch.delenv("PREFECT_API_URL")
+    assert slot_limit_for(load_config(None, ["run.concurrency_limit=test-train-slots"]), logger) is None
+
+    spans = []
+
+    def hold():
+        with _slot("test-train-slots", logger):
+            t0 = time.time()
+            time.sleep(1.5)
+            spans.append((t0, time.time()))
+
+    monkeypatch.setenv("PREFECT_API_URL", prefect_api_url)
+    threads = [threading.Thread(target=hold) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    (a0, a1), (b0, b1) = sorted(spans)
+    assert b0 >= a1 - 0.05, spans  # the second got the slot only when the first gave it back
+
+
+@pytest.mark.slow
+def test_a_sweep_on_a_work_pool_is_shared_by_two_workers(workdir, prefect_api_url, tmp_path):
+    """With a server, the train deployment and workers online, a sweep's points are flow runs on
+    the work pool: two process workers (one run at a time each) take one point each; the points
+    are the sweep flow run's children in Prefect and the parent MLflow run's in MLflow; a second
+    sweep finds them finished through the tracking store alone (run folders' state removed)."""
+    import asyncio
+    import time
+
+    from prefect.client.orchestration import get_client
+
+    pool, deployment = "resrl-test-pool", "resrl-train/pool-test"
+    env = dict(os.environ, PREFECT_API_URL=prefect_api_url, PYTHONPATH=str(ROOT), RESRL_ROOT=str(ROOT))
+    env.pop("MLFLOW_TRACKING_URI", None)
+    prefect = [sys.executable, "-m", "prefect"]
+
+    def run(cmd, timeout=300):
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc
+
+    run(prefect + ["work-pool", "create", pool, "--type", "process"])
+    run(prefect + ["--no-prompt", "deploy", "flows/train.py:train_flow", "-n", "pool-test", "-p", pool])
+    logs = [tmp_path / f"worker{i}.log" for i in (1, 2)]
+    workers = [subprocess.Popen(prefect + ["worker", "start", "--pool", pool, "--type", "process", "--limit", "1",
+                                           "--name", f"w{i}"], cwd=ROOT, env=env, stdout=open(log, "w"),
+                                stderr=subprocess.STDOUT) for i, log in zip((1, 2), logs)]
+    try:
+        async def online():
+            async with get_client() as c:
+                return [w.name for w in await c.read_workers_for_work_pool(pool)
+                        if str(getattr(w.status, "value", w.status)).upper() == "ONLINE"]
+
+        t0 = time.time()
+        while sorted(asyncio.run(online())) != ["w1", "w2"]:
+            assert time.time() - t0 < 180, "the workers did not come online"
+            time.sleep(2)
+        spec = {"name": "pool-sweep", "base": str(ROOT / "conf" / "smoke.yaml"),
+                "overrides": [f"run.cache_dir={workdir / 'cache'}", f"run.output_dir={tmp_path / 'out'}",
+                              "warmstart.enabled=false", "trainer.steps=1", "eval.every=1", "eval.num_prompts=8",
+                              "rollout.prompts_per_step=8", f"run.sweep_deployment={deployment}"],
+                "grid": {"algorithm.rank": [4, 8]}, "concurrency": 1, "register": None}
+        sweep_file = tmp_path / "pool.yaml"
+        sweep_file.write_text(yaml.safe_dump(spec))
+        cmd = [sys.executable, "-m", "resrl.cli", "sweep", "--config", str(sweep_file)]
+        first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+        out = first.stdout + first.stderr
+        assert first.returncode == 0, out[-5000:]
+        assert f"points go to work pool {pool} as flow runs of {deployment} (2 worker(s) online)" in out
+        assert first.stdout.count("  finished ") == 2 and "2/2 points done" in out
+        worker_logs = [log.read_text() for log in logs]
+        assert all("submitting flow run" in w.lower() for w in worker_logs), worker_logs  # each took a point
+
+        sweep = load_sweep(sweep_file)
+        client = MlflowClient(tracking_uri=__import__("tasks.tracking").tracking.tracking_uri(sweep.points[0].cfg))
+        exp = client.get_experiment_by_name("resrl")
+        parent = client.search_runs([exp.experiment_id], f"tags.`resrl.sweep_id` = '{sweep.sweep_id}'"
+                                                         " and tags.`resrl.role` = 'sweep'")[0]
+        children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+        assert sorted(r.info.status for r in children) == ["FINISHED", "FINISHED"]
+
+        async def parents(ids):
+            async with get_client() as c:
+                return [(await c.read_flow_run(i)).parent_task_run_id for i in ids]
+
+        assert all(asyncio.run(parents([r.data.tags["prefect.flow_run_id"] for r in children])))
+
+        for p in sweep.points:  # as if trained on another machine: only the store knows
+            (Path(p.cfg.run.output_dir) / __import__("resrl.config").config.run_name(p.cfg) / "state.json").unlink()
+        again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert again.returncode == 0 and (again.stdout + again.stderr).count("finished earlier, skipped") == 2
+    finally:
+        for w in workers:
+            w.terminate()
+        for w in workers:
+            try:
+                w.wait(60)
+            except subprocess.TimeoutExpired:  # a busy machine: its shutdown (deregistering) is slow
+                w.kill()
+                w.wait(30)
