@@ -145,15 +145,26 @@ def log_config_params(cfg, run_id: str) -> None:
         client.log_batch(run_id, params=params[i:i + 100])
 
 
+NONFINITE_SUFFIX = "_nonfinite"
+
+
 def log_metrics(cfg, run_id: str, metrics: dict[str, float], step: int) -> None:
+    """Metrics at `step`. MLflow drops NaN silently (a chart just lacks the point): a value that is
+    NaN or infinite is logged as `<key>_nonfinite` = 1 at that step instead, which the UI shows."""
     import math
     import time
 
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
-             if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    batch = []
+    for k, v in metrics.items():
+        if v is None:
+            continue
+        if math.isfinite(float(v)):
+            batch.append(Metric(k, float(v), now, step))
+        else:
+            batch.append(Metric(k + NONFINITE_SUFFIX, 1.0, now, step))
     client = client_for(cfg)
     for i in range(0, len(batch), 1000):
         client.log_batch(run_id, metrics=batch[i:i + 1000])

@@ -1,0 +1,154 @@
+"""Never silently wrong: diverged training, run names, damaged checkpoints and state files,
+lost stop signals and errors that hide their cause, each as a user meets it.
+
+Unit-level where possible (a micro model, files in a temporary folder); the tests that start
+`resrl train` processes are marked slow.
+"""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT
+from resrl.cli import main
+from resrl.errors import ConfigError, UserError
+
+SMOKE = str(ROOT / "conf" / "smoke.yaml")
+
+
+def cli(capsys, *args: str) -> tuple[int, list[str]]:
+    code = main(list(args))
+    return code, [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines()
+                  if line.strip() and "%|" not in line]
+
+
+# ----------------------------------------------------------------------------- 1. diverged training
+
+def _weights(t):
+    return {k: v.clone() for k, v in t.named_weights()}
+
+
+def test_a_nan_in_the_update_is_refused_before_the_optimizer_applies_it(micro_model):
+    from test_trainer import make_batch, trainer_for
+
+    from resrl.trainer import TrainingDiverged
+
+    batch = make_batch(seed=3)
+    batch.rewards[0] = float("nan")  # the advantages of its group, the loss and the gradient become NaN
+    t = trainer_for(micro_model, "trainer.mini_batches=1", "algorithm.name=grpo")
+    before = _weights(t)
+    with pytest.raises(TrainingDiverged, match=r"RL step 7: the gradient norm is not finite \(nan\); the optimizer "
+                                               r"step was not applied"):
+        t.train_step(batch, step=7)
+    after = dict(t.named_weights())
+    assert all(torch.equal(before[k], after[k]) for k in before)  # not one weight moved
+
+
+def test_a_gradient_norm_above_the_accepted_one_is_refused(micro_model):
+    from test_trainer import make_batch, trainer_for
+
+    from resrl.trainer import TrainingDiverged
+
+    t = trainer_for(micro_model, "trainer.mini_batches=1", "trainer.max_grad_norm_accepted=1e-9")
+    before = _weights(t)
+    with pytest.raises(TrainingDiverged, match="exceeds trainer.max_grad_norm_accepted=1e-09.*not applied"):
+        t.train_step(make_batch(seed=3), step=1)
+    assert all(torch.equal(before[k], v) for k, v in t.named_weights())
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["trainer.lr=1e6"], r"weight \S+ exceeds trainer.max_abs_weight=10000"),  # the default guard: weights ~1e6
+    (["trainer.lr=1e-3", "trainer.max_abs_weight=0.01"], "exceeds trainer.max_abs_weight=0.01"),
+])
+def test_weights_that_blew_up_fail_the_step(micro_model, overrides, needle):
+    from test_trainer import make_batch, trainer_for
+
+    from resrl.trainer import TrainingDiverged
+
+    t = trainer_for(micro_model, "trainer.mini_batches=1", "trainer.warmup_steps=0", *overrides)
+    with pytest.raises(TrainingDiverged, match=needle + ".*neither synced nor saved"):
+        t.train_step(make_batch(seed=3), step=1)
+
+
+def test_a_sane_update_passes_the_guard(micro_model):
+    from test_trainer import make_batch, trainer_for
+
+    t = trainer_for(micro_model, "trainer.mini_batches=2")
+    metrics = t.train_step(make_batch(seed=3), step=1)
+    assert math.isfinite(metrics["grad_norm"]) and metrics["grad_norm"] > 0
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_non_finite_reward_fails_at_scoring(value):
+    from resrl.evaluation import RewardError, score_samples
+
+    rows = [{"data_source": "x", "answer": "1", "extra_info": None, "prompt_id": 4}]
+    outputs = [[([1], "a"), ([1], "b")]]
+
+    def reward(data_source, text, truth, extra=None):
+        return value if text == "b" else 1.0
+
+    with pytest.raises(RewardError, match=f"returned {value} for a sample of prompt 4.*finite"):
+        score_samples(reward, rows, outputs, 1.0)
+
+
+def test_non_finite_metrics_show_in_mlflow_as_flags(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from resrl.config import load_config
+    from tasks.tracking import log_metrics, start_run
+
+    cfg = load_config(None, [f"run.output_dir={tmp_path}"])
+    run_id = start_run(cfg, "nan", {})
+    log_metrics(cfg, run_id, {"train/loss": float("nan"), "train/grad_norm": float("inf"), "train/lr": 1e-3}, 3)
+    got = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run_id).data.metrics
+    assert got == {"train/loss_nonfinite": 1.0, "train/grad_norm_nonfinite": 1.0, "train/lr": 1e-3}
+
+
+# ----------------------------------------------------------------------------- 2. run.name
+
+@pytest.mark.parametrize("name", ["../../escape", "/tmp/abs", ".", "..", ".hidden", "a/b", "a\\b", "-x",
+                                  "x" * 129, "white space"])
+def test_a_run_name_that_is_not_one_safe_folder_name_is_refused(name, tmp_path, capsys):
+    code, err = cli(capsys, "train", "--config", SMOKE, f"run.output_dir={tmp_path / 'out'}", f"run.name={name}")
+    assert code == 2 and len(err) == 1 and "run.name must be one folder name" in err[0], err
+    assert not any(tmp_path.iterdir())  # nothing written anywhere near
+
+
+def test_odd_run_names_are_refused_by_the_check_itself():
+    from resrl.config import check_run_name
+
+    for name in ("ok\n", "a\x00b", 5, "é"):
+        with pytest.raises(ConfigError, match="run.name must be"):
+            check_run_name(name)
+
+
+@pytest.mark.parametrize("name", ["my-run", "resrl_v2.1", "A" * 128, "_x"])
+def test_safe_run_names_are_accepted(name, tmp_path):
+    from resrl.config import load_config, run_dir
+
+    cfg = load_config(SMOKE, [f"run.output_dir={tmp_path}", f"run.name={name}"])
+    assert run_dir(cfg).parent == tmp_path
+
+
+def test_the_flow_refuses_a_traversing_run_name_from_its_parameters(tmp_path):
+    """A deployment's caller passes `config` (or `config_file` + `overrides`) as flow parameters;
+    both go through the same checks before the run folder is made (the flow's function body is
+    called directly here: it is the code a flow run executes)."""
+    from flows.train import train_flow
+    from resrl.config import load_config, to_dict
+
+    config = to_dict(load_config(SMOKE, [f"run.output_dir={tmp_path / 'out'}"]))
+    config["run"]["name"] = "../../escape"
+    with pytest.raises(ConfigError, match="run.name must be"):
+        train_flow.fn(config=config)
+    with pytest.raises(ConfigError, match="run.name must be"):
+        train_flow.fn(config_file=SMOKE, overrides=[f"run.output_dir={tmp_path / 'out'}", "run.name=/etc"])
+    assert not any(tmp_path.iterdir())
