@@ -251,6 +251,19 @@ def start_or_resume_run(cfg, state, run_dir: Path, flow_run_id: str) -> str:
     return state.mlflow_run_id
 
 
+def find_run_for_folder(cfg, run_dir: Path) -> str | None:
+    """The newest MLflow run trained in `run_dir` (its `resrl.run_dir` tag), or None."""
+    folder = str(Path(run_dir).resolve())
+    if "'" in folder:  # cannot be quoted in MLflow's filter syntax
+        return None
+    runs = search_runs(cfg, f"tags.`resrl.run_dir` = '{folder}'", order_by=["attributes.start_time DESC"])
+    return runs[0].info.run_id if runs else None
+
+
+def run_status(cfg, run_id: str) -> str:
+    return client_for(cfg).get_run(run_id).info.status
+
+
 def finish_run(cfg, run_id: str, status: str = "FINISHED") -> None:
     client_for(cfg).set_terminated(run_id, status=status)
 

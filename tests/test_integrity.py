@@ -152,3 +152,106 @@ def test_the_flow_refuses_a_traversing_run_name_from_its_parameters(tmp_path):
     with pytest.raises(ConfigError, match="run.name must be"):
         train_flow.fn(config_file=SMOKE, overrides=[f"run.output_dir={tmp_path / 'out'}", "run.name=/etc"])
     assert not any(tmp_path.iterdir())
+
+
+# ----------------------------------------------------------------------------- 3. checkpoints that prove themselves
+
+def _checkpoint(rdir: Path, step: int, run_id: str = "run-1", chash: str = "h") -> Path:
+    from resrl.checkpoint import TRAINER_STATE, checkpoint_dir, policy_dir, write_manifest
+
+    ckpt = checkpoint_dir(rdir, step)
+    policy_dir(ckpt).mkdir(parents=True)
+    (policy_dir(ckpt) / "model.safetensors").write_bytes(os.urandom(4096))
+    (ckpt / TRAINER_STATE).write_text(json.dumps({"step": step}))
+    write_manifest(ckpt, step, mlflow_run_id=run_id, config_hash=chash)
+    return ckpt
+
+
+def test_a_manifest_names_the_damaged_file(tmp_path):
+    from resrl.checkpoint import verify
+
+    ckpt = _checkpoint(tmp_path, 2)
+    model = ckpt / "policy" / "model.safetensors"
+    assert verify(ckpt) is None
+    data = model.read_bytes()
+    model.write_bytes(data[:100])  # truncated
+    assert verify(ckpt) == f"{model} has 100 bytes, its manifest says 4096"
+    model.write_bytes(bytes([data[0] ^ 1]) + data[1:])  # same size, one bit flipped
+    assert verify(ckpt) == f"{model} does not match its sha256 in the manifest"
+    model.unlink()
+    assert verify(ckpt) == f"{model} is missing"
+    (ckpt / "manifest.json").write_text("{garbage")
+    assert "manifest.json cannot be read" in verify(ckpt)
+
+
+def test_resume_falls_back_past_a_damaged_checkpoint_and_sets_it_aside(tmp_path):
+    from resrl.checkpoint import CheckpointDamaged, list_checkpoints, resume_checkpoint, step_of
+
+    _checkpoint(tmp_path, 1)
+    two = _checkpoint(tmp_path, 2)
+    _checkpoint(tmp_path, 3)  # written, not committed (the commit is at step 2): not a candidate
+    (two / "policy" / "model.safetensors").write_bytes(b"x")
+    ckpt, warnings = resume_checkpoint(tmp_path, committed=2)
+    assert step_of(ckpt) == 1
+    assert len(warnings) == 1 and "step_00002 is damaged" in warnings[0] and "model.safetensors has 1 bytes" in \
+        warnings[0] and "resuming from step_00001" in warnings[0]
+    assert [c.name for c in list_checkpoints(tmp_path)] == ["step_00001", "step_00003"]
+    assert (tmp_path / "checkpoints" / "damaged-step_00002").is_dir()
+    (ckpt / "trainer_state.json").unlink()
+    with pytest.raises(CheckpointDamaged, match=r"committed at step 1 but has no intact checkpoint .*step_00001: "
+                                                r"\S+trainer_state.json is missing"):
+        resume_checkpoint(tmp_path, committed=1)
+
+
+@pytest.mark.parametrize("content, needle", [
+    ("{garbage", "JSONDecodeError"),
+    ("{}", "expected config_hash"),
+    ("[1, 2]", "not an object"),
+    ('{"config_hash": "h", "step": "3"}', "wrong type"),
+    (b"\xff\xfe", "UnicodeDecodeError"),
+])
+def test_an_unreadable_state_file_is_one_error_naming_it_and_the_way_out(tmp_path, content, needle):
+    from resrl.run_state import RunState
+
+    path = RunState.path(tmp_path)
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(UserError, match=f"run state file {path} cannot be read .*{needle}.*delete it and run the "
+                                        "same command again"):
+        RunState.open(tmp_path, "h", resume=True)
+
+
+class _Log:
+    def __init__(self):
+        self.lines = []
+
+    def warning(self, msg, *args):
+        self.lines.append(msg % args)
+
+    info = warning
+
+
+def test_a_lost_state_file_is_recovered_from_the_newest_committed_checkpoint(tmp_path):
+    from flows.train import _open_state
+    from resrl.config import config_hash, load_config, run_dir
+
+    cfg = load_config(SMOKE, [f"run.output_dir={tmp_path}"])
+    rdir = run_dir(cfg)
+    _checkpoint(rdir, 1, run_id="abc", chash=config_hash(cfg))
+    _checkpoint(rdir, 2, run_id="abc", chash=config_hash(cfg))
+    (rdir / "checkpoints" / "step_00003").mkdir()  # written, never committed: no manifest
+    log = _Log()
+    state = _open_state(cfg, rdir, log)
+    assert (state.step, state.mlflow_run_id, state.finished) == (2, "abc", False)
+    assert any("had no state.json: recovered at step 2, MLflow run abc" in line for line in log.lines)
+    assert json.loads((rdir / "state.json").read_text())["mlflow_run_id"] == "abc"
+    # the newest one damaged as well: recovered at step 1, with a warning naming the file
+    (rdir / "state.json").unlink()
+    (rdir / "checkpoints" / "step_00002" / "trainer_state.json").write_text("{}")
+    state = _open_state(cfg, rdir, log)
+    assert state.step == 1 and any("step_00002 is damaged" in line and "trainer_state.json" in line
+                                   for line in log.lines)
+    # a checkpoint of another config is refused
+    (rdir / "state.json").unlink()
+    _checkpoint(rdir, 5, run_id="zzz", chash="other")
+    with pytest.raises(ConfigError, match="different config"):
+        _open_state(cfg, rdir, log)
