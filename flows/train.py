@@ -47,6 +47,7 @@ def train_flow(config: dict | None = None, config_file: str | None = None, overr
     form deployments use.
     """
     t_flow = time.time()
+    _record_stop_signals()
     if config is None:
         config = to_dict(load_config(config_file, overrides or []))
     cfg = from_dict(config)
@@ -54,6 +55,29 @@ def train_flow(config: dict | None = None, config_file: str | None = None, overr
     rdir = run_dir(cfg)
     with run_lock(rdir):  # one owner per run folder: a second start of the same run refuses, naming the holder
         return _run(cfg, config, rdir, t_flow)
+
+
+def _record_stop_signals() -> None:
+    """Inside a flow run Prefect's SIGTERM handler (raising TerminationSignal) has replaced resrl's;
+    wrap it so a SIGTERM is recorded too, and a stop a destructor swallows is still found by
+    `interrupts.check()`. Its module-level name is wrapped as well: Prefect compares the installed
+    handler against it (and a nested flow run installs it again)."""
+    import signal
+    import threading
+
+    from prefect.utilities import engine as prefect_engine
+
+    interrupts.install_hook()
+    if threading.current_thread() is not threading.main_thread():
+        return
+    original = getattr(prefect_engine, "_prefect_sigterm_handler", None)
+    if original is not None:
+        prefect_engine._prefect_sigterm_handler = interrupts.recording(original)
+    current = signal.getsignal(signal.SIGTERM)
+    if current is original and original is not None:
+        signal.signal(signal.SIGTERM, prefect_engine._prefect_sigterm_handler)
+    elif callable(current):
+        signal.signal(signal.SIGTERM, interrupts.recording(current))
 
 
 def _run(cfg, config: dict, rdir: Path, t_flow: float) -> dict:
@@ -81,9 +105,11 @@ def _run(cfg, config: dict, rdir: Path, t_flow: float) -> dict:
         summary_metrics["time/flow_s"] = total
         summary_metrics["sys/peak_rss_gb"] = _peak_rss_gb()
         tracking.log_metrics(cfg, run_id, summary_metrics, cfg.trainer.steps)
-        tracking.finish_run(cfg, run_id)
-        state.finished = True
-        state.save(rdir)
+        interrupts.check()  # a stop that came after the last check is not lost: the run is KILLED, not FINISHED
+        with interrupts.deferred():  # from here a stop is recorded (the CLI then exits non-zero), not half-done
+            tracking.finish_run(cfg, run_id)
+            state.finished = True
+            state.save(rdir)
     except BaseException as exc:
         with interrupts.deferred():  # a second signal must not leave the run RUNNING
             status = tracking.fail_run(cfg, run_id, exc)
@@ -176,6 +202,7 @@ def _train(run: _Run) -> dict:
             interrupts.check()
             last_eval = _evaluate(run, prepared, step)
             timed.append(last_eval)
+    interrupts.check()  # after the last evaluation too
     final_policy = policy_dir(checkpoint_dir(run.rdir, steps)) if steps > 0 else Path(prepared["policy_dir"])
     tracking.log_policy(cfg, run.run_id, final_policy)
     return {"timings": _timings(prepared["seconds"], timed), "final_eval": last_eval}

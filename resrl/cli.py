@@ -155,15 +155,24 @@ def _train_rank0(args, cfg) -> int:
     open_store(cfg)  # an unreachable tracking server fails now, in seconds, before any data preparation
     print(f"resrl: run folder {rdir}  |  MLflow store {tracking_uri(cfg)}", flush=True)
     _own_temporary_prefect_server()
+    from resrl import interrupts
+
     try:
         result = train_flow(config=to_dict(cfg))
     except KeyboardInterrupt:
         from resrl.run_state import RunState
 
         state = RunState.load(rdir)
+        if state is not None and state.finished:  # the stop came while Prefect closed the finished flow run
+            print(f"\nresrl: interrupted after the run finished; it is complete in {rdir}.", file=sys.stderr)
+            return 130
         step = state.step if state else 0
         print(f"\nresrl: interrupted; the run is kept at step {step} in {rdir}: run the same command again "
               "to resume it.", file=sys.stderr)
+        return 130
+    if interrupts.requested():  # it came while the finished run was being recorded: never a silent exit 0
+        print(f"\nresrl: interrupted ({interrupts.requested_signal()}) just as the run finished; it is complete "
+              f"in {rdir} (MLflow run {result['mlflow_run_id']}).", file=sys.stderr)
         return 130
     print()
     if result.get("already_finished"):

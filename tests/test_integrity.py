@@ -255,3 +255,68 @@ def test_a_lost_state_file_is_recovered_from_the_newest_committed_checkpoint(tmp
     _checkpoint(rdir, 5, run_id="zzz", chash="other")
     with pytest.raises(ConfigError, match="different config"):
         _open_state(cfg, rdir, log)
+
+
+# ----------------------------------------------------------------------------- 5. no lost stop
+
+def test_a_stop_swallowed_by_a_destructor_is_recorded_whoever_raised_it(monkeypatch):
+    """Inside a flow run Prefect's own SIGTERM handler raises TerminationSignal; raised inside a
+    destructor it is dropped ("Exception ignored in ..."). The unraisable hook records it, and a
+    handler wrapped with `recording` records the signal before it runs."""
+    from prefect.exceptions import TerminationSignal
+
+    from resrl import interrupts
+
+    swallowed: list = []
+    monkeypatch.setattr(sys, "unraisablehook", swallowed.append)
+    old_term = signal.getsignal(signal.SIGTERM)
+    interrupts.reset()
+    interrupts.install_hook()
+    try:
+        def prefects(signum, frame):  # what prefect.utilities.engine._prefect_sigterm_handler does
+            raise TerminationSignal(signal=signum)
+
+        signal.signal(signal.SIGTERM, prefects)  # not recording: only the hook can see this one
+
+        class Collected:
+            def __del__(self):
+                signal.raise_signal(signal.SIGTERM)
+
+        obj = Collected()
+        del obj
+        assert [u.exc_type for u in swallowed] == [TerminationSignal]  # reported as before ...
+        with pytest.raises(KeyboardInterrupt, match="SIGTERM"):  # ... and raised again at the next check
+            interrupts.check()
+        interrupts.reset()
+        signal.signal(signal.SIGTERM, interrupts.recording(prefects))
+        with pytest.raises(TerminationSignal):
+            signal.raise_signal(signal.SIGTERM)
+        assert interrupts.requested_signal() == "SIGTERM"
+        assert interrupts.recording(interrupts.recording(prefects)).__wrapped__ is prefects  # wrapped once
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+        interrupts.reset()
+
+
+def test_the_flow_wraps_prefects_sigterm_handler_so_it_records():
+    from prefect.utilities import engine as prefect_engine
+
+    from flows.train import _record_stop_signals
+    from resrl import interrupts
+
+    original = prefect_engine._prefect_sigterm_handler
+    old_term = signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGTERM, original)  # as Prefect's engine leaves it when the flow function starts
+        _record_stop_signals()
+        installed = signal.getsignal(signal.SIGTERM)
+        assert installed is prefect_engine._prefect_sigterm_handler  # Prefect's own checks still see its bridge
+        assert installed.__wrapped__ is getattr(original, "__wrapped__", original)
+        interrupts.reset()
+        with pytest.raises(BaseException) as got:
+            signal.raise_signal(signal.SIGTERM)
+        assert type(got.value).__name__ == "TerminationSignal" and interrupts.requested_signal() == "SIGTERM"
+    finally:
+        prefect_engine._prefect_sigterm_handler = original
+        signal.signal(signal.SIGTERM, old_term)
+        interrupts.reset()
