@@ -20,7 +20,7 @@ from resrl.checkpoint import (MANIFEST, checkpoint_dir, list_checkpoints, load_s
                               prune_checkpoints, read_manifest, resume_checkpoint, save_step_metrics, step_of,
                               write_manifest)
 from resrl.config import config_hash, from_dict, load_config, run_dir, to_dict, validate
-from resrl.errors import ConfigError, UserError
+from resrl.errors import ConfigError, UserError, writing
 from resrl.run_state import RunState, run_lock
 from tasks import tracking
 from tasks.steps import evaluate_policy, generate_rollouts, prepare_data, update_policy
@@ -53,7 +53,8 @@ def train_flow(config: dict | None = None, config_file: str | None = None, overr
     cfg = from_dict(config)
     validate(cfg)
     rdir = run_dir(cfg)
-    with run_lock(rdir):  # one owner per run folder: a second start of the same run refuses, naming the holder
+    tracking.check_writable_folders(cfg)  # an unwritable output, cache or artifact folder: one line, now
+    with writing(), run_lock(rdir):  # one owner per run folder: a second start of the same run refuses
         return _run(cfg, config, rdir, t_flow)
 
 

@@ -117,7 +117,10 @@ def run_lock(run_dir: Path):
                   .encode(), 0)
         yield
     finally:
-        os.ftruncate(fd, 0)
+        try:
+            os.ftruncate(fd, 0)  # the holder's name is only for messages: a folder gone read-only must not
+        except OSError:          # replace the run's own error with this one
+            pass
         os.close(fd)  # closing releases the flock
 
 

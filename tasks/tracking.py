@@ -63,6 +63,20 @@ def open_store(cfg) -> str:
     return uri
 
 
+def check_writable_folders(cfg) -> None:
+    """run.output_dir, run.cache_dir and (local store) the MLflow store's folders: NotWritable now,
+    naming the folder, rather than a traceback in the middle of the run."""
+    from resrl.errors import check_writable
+
+    check_writable(cfg.run.output_dir, "run.output_dir")
+    check_writable(cfg.run.cache_dir, "run.cache_dir")
+    uri = tracking_uri(cfg)
+    if uri.startswith("sqlite:///"):
+        check_writable(Path(uri[len("sqlite:///"):]).parent, "the MLflow store's folder")
+    if is_local_store(uri):
+        check_writable(local_artifact_root(cfg), "the MLflow artifact folder")
+
+
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     """Raise TrackingUnreachable unless something answers HTTP at `uri`."""
     import http.client

@@ -381,3 +381,72 @@ def test_sigterm_just_after_the_final_evaluation_is_never_lost(workdir, tmp_path
         assert (status, state["finished"]) in (("KILLED", False), ("FINISHED", True)), (delay, status, text[-3000:])
         assert "resrl: interrupted" in text
     print("delay s, exit code, MLflow status, finished:", outcomes)
+
+
+# ----------------------------------------------------------------------------- 6. errors that name their cause
+
+@pytest.mark.parametrize("content, needle", [
+    ("name: x\ngrid:\n  seed: [1, 2\n", "ParserError"),
+    ("name: x\ngrid: !!python/object/apply:os.system ['echo pwned']\n", "ConstructorError"),
+    ("- a\n- b\n", "must hold a mapping"),
+    ("name: ${nope}\ngrid: {seed: [1]}\n", "nope"),
+])
+def test_a_broken_sweep_file_is_one_line_before_prefect_starts(content, needle, tmp_path, capsys, monkeypatch):
+    import resrl.cli
+
+    started = []
+    monkeypatch.setattr(resrl.cli, "_own_temporary_prefect_server", lambda: started.append(1))
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(content)
+    t0 = time.time()
+    code, err = cli(capsys, "sweep", "--config", str(sweep))
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"resrl: error: sweep file '{sweep}'") and needle in \
+        err[0], err
+    assert not started and time.time() - t0 < 10  # no temporary Prefect server was waited for
+    code, err = cli(capsys, "compare", "some-sweep", "--config", str(sweep))  # the same file read by `compare`
+    assert code == 2 and len(err) == 1 and needle in err[0], err
+
+
+@pytest.mark.parametrize("content, needle", [
+    (b'{"question": "q", "answer": "#### 1"}\n{"question": "bad \\ud800 here", "answer": "#### 2"}\n',
+     r"line 2 holds a lone surrogate \ud800"),
+    (b'{"question": "q", "answer": "#### 1"}\n{"question": "bad \xed\xa0\x80 here", "answer": "#### 2"}\n',
+     "line 2 is not UTF-8: byte 0xed at column 19"),
+    (b'{"question": "q", "answer": "#### 1"}\n{"question": "q2", "answer": }\n', "line 2 is not valid JSON"),
+])
+def test_a_bad_row_in_a_data_file_is_named_with_its_real_cause(content, needle, workdir, tmp_path, capsys):
+    data = tmp_path / "train.jsonl"
+    data.write_bytes(content)
+    code, err = cli(capsys, "export-verl", str(tmp_path / "out"), f"run.cache_dir={workdir / 'cache'}",
+                    "data.source=gsm8k", f"data.path={data}", "data.num_test=1", "warmstart.enabled=false")
+    errors = [line for line in err if line.startswith("resrl: error:")]
+    assert code == 2 and len(errors) == 1 and needle in errors[0] and str(data) in errors[0], err
+
+
+def test_an_unwritable_output_folder_is_one_line_naming_it_at_start(tmp_path, capsys, monkeypatch):
+    import resrl.cli
+
+    started = []
+    monkeypatch.setattr(resrl.cli, "_own_temporary_prefect_server", lambda: started.append(1))
+    # /sys is read-only even for root (the tests may run as root, where chmod does not stop writes)
+    code, err = cli(capsys, "train", "--config", SMOKE, "run.output_dir=/sys/resrl-test-out",
+                    f"run.cache_dir={tmp_path / 'cache'}")
+    assert code == 2 and len(err) == 1 and "run.output_dir /sys/resrl-test-out is not writable" in err[0], err
+    code, err = cli(capsys, "train", "--config", SMOKE, f"run.output_dir={tmp_path / 'out'}",
+                    "run.cache_dir=/sys/resrl-test-cache")
+    assert code == 2 and len(err) == 1 and "run.cache_dir /sys/resrl-test-cache is not writable" in err[0], err
+    assert not started
+
+
+def test_a_folder_that_turns_unwritable_mid_run_is_one_line_naming_the_path(tmp_path):
+    from resrl.errors import NotWritable, reports_unwritable, writing
+
+    @reports_unwritable
+    def save():
+        raise PermissionError(13, "Permission denied", str(tmp_path / "run" / "state.tmp"))
+
+    with pytest.raises(NotWritable, match=f"cannot write {tmp_path / 'run' / 'state.tmp'}: Permission denied"):
+        save()
+    with pytest.raises(FileNotFoundError):  # other OS errors keep their type
+        with writing():
+            open(tmp_path / "missing")
