@@ -160,6 +160,8 @@ def _recover_state(cfg, rdir: Path, chash: str, logger) -> None:
         step, run_id = step_of(ckpt), manifest.get("mlflow_run_id")
     if run_id is None:
         run_id = tracking.find_run_for_folder(cfg, rdir)
+    if run_id is None and not committed:
+        return  # nothing of this run was committed or reached MLflow: starting afresh loses nothing
     if run_id is None:
         raise UserError(f"run folder {rdir} holds a run's work but no state.json, and neither a committed "
                         "checkpoint nor MLflow names its run; restore state.json, or delete the folder (or set "

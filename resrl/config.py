@@ -37,7 +37,7 @@ _NOT_HASHED = (
     "run.sweep_id",
     "run.parent_run_id",
     "trainer.max_grad_norm_accepted",  # guards: they stop a run, they do not change what it computes
-    "trainer.max_abs_weight",
+    "trainer.max_abs_weight_accepted",
 )
 
 
@@ -268,8 +268,8 @@ def validate(cfg: DictConfig) -> None:
     _check(t.epochs >= 1, "trainer.epochs", ">= 1", t.epochs)
     _check(t.max_grad_norm_accepted is None or t.max_grad_norm_accepted > 0, "trainer.max_grad_norm_accepted",
            "> 0 or null", t.max_grad_norm_accepted)
-    _check(t.max_abs_weight is None or t.max_abs_weight > 0, "trainer.max_abs_weight", "> 0 or null",
-           t.max_abs_weight)
+    _check(t.max_abs_weight_accepted is None or t.max_abs_weight_accepted > 0, "trainer.max_abs_weight_accepted",
+           "> 0 or null", t.max_abs_weight_accepted)
     _check(t.micro_batch_size >= 1, "trainer.micro_batch_size", ">= 1", t.micro_batch_size)
     batch = r.prompts_per_step * r.n
     _require(batch % t.mini_batches == 0,

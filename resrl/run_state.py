@@ -60,7 +60,8 @@ class RunState:
         except (OSError, ValueError) as exc:  # JSONDecodeError, UnicodeDecodeError are ValueErrors
             detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
             raise UserError(f"run state file {p} cannot be read ({detail}); delete it and run the same command "
-                            "again: the run is recovered from its newest intact checkpoint and its MLflow run") from None
+                            "again: the run is recovered from its newest intact checkpoint and its MLflow "
+                            "run") from None
 
     @classmethod
     def open(cls, run_dir: Path, config_hash: str, resume: bool) -> "RunState":
@@ -82,9 +83,10 @@ class RunState:
 
     @staticmethod
     def has_traces(run_dir: Path) -> bool:
-        """Whether the folder holds a run's work (checkpoints, rollouts, evaluations): without
-        state.json such a folder is recovered, never trained again from step 0 as a new run."""
-        return any(any((Path(run_dir) / sub).glob("*")) for sub in ("checkpoints", "rollouts", "eval"))
+        """Whether a run was started in the folder (its config, checkpoints, rollouts, evaluations):
+        without state.json such a folder is recovered, never trained again from step 0 as a new run."""
+        return (Path(run_dir) / "config.yaml").is_file() or any(
+            any((Path(run_dir) / sub).glob("*")) for sub in ("checkpoints", "rollouts", "eval"))
 
     def save(self, run_dir: Path) -> None:
         p = self.path(run_dir)

@@ -327,7 +327,7 @@ class PolicyTrainer:
         return TrainingDiverged(
             f"training diverged at RL step {getattr(self, '_step', '?')}: {what} ({value:.4g}); {done}, and the "
             f"run keeps its last committed checkpoint. Lower trainer.lr (now {self.cfg.trainer.lr:g}), check the "
-            "rewards, or see trainer.max_grad_norm_accepted / trainer.max_abs_weight.")
+            "rewards, or see trainer.max_grad_norm_accepted / trainer.max_abs_weight_accepted.")
 
     def _refuse_gradient(self, norm: float) -> None:
         """Before `engine.step()`: refuse a non-finite gradient norm, or one above
@@ -345,7 +345,7 @@ class PolicyTrainer:
     @torch.no_grad()
     def _check_update(self, losses: list[float], grad_norms: list[float]) -> None:
         """After the step's optimizer steps: the losses, the norms ZeRO reported after its steps, and
-        every weight (finite, and at most trainer.max_abs_weight in magnitude)."""
+        every weight (finite, and at most trainer.max_abs_weight_accepted in magnitude)."""
         for loss in losses:
             if not math.isfinite(loss):
                 raise self._diverged("the loss is not finite", loss, applied=True)
@@ -356,7 +356,7 @@ class PolicyTrainer:
             if limit is not None and norm > limit:
                 raise self._diverged(f"the gradient norm exceeds trainer.max_grad_norm_accepted={limit:g}", norm,
                                      applied=True)
-        limit = self.cfg.trainer.max_abs_weight
+        limit = self.cfg.trainer.max_abs_weight_accepted
         for name, p in self.engine.module.named_parameters():
             data = getattr(p, "ds_tensor", p)  # ZeRO-3: this rank's partition
             if not data.numel():
@@ -365,8 +365,8 @@ class PolicyTrainer:
             if not math.isfinite(top):
                 raise self._diverged(f"weight {name} is not finite", top, applied=True)
             if limit is not None and top > limit:
-                raise self._diverged(f"weight {name} exceeds trainer.max_abs_weight={limit:g} in magnitude", top,
-                                     applied=True)
+                raise self._diverged(f"weight {name} exceeds trainer.max_abs_weight_accepted={limit:g} in "
+                                     "magnitude", top, applied=True)
 
     # ------------------------------------------------------------------ weights and checkpoints
     def named_weights(self):

@@ -64,8 +64,8 @@ def test_a_gradient_norm_above_the_accepted_one_is_refused(micro_model):
 
 
 @pytest.mark.parametrize("overrides, needle", [
-    (["trainer.lr=1e6"], r"weight \S+ exceeds trainer.max_abs_weight=10000"),  # the default guard: weights ~1e6
-    (["trainer.lr=1e-3", "trainer.max_abs_weight=0.01"], "exceeds trainer.max_abs_weight=0.01"),
+    (["trainer.lr=1e6"], r"weight \S+ exceeds trainer.max_abs_weight_accepted=10000"),  # the default guard
+    (["trainer.lr=1e-3", "trainer.max_abs_weight_accepted=0.01"], "exceeds trainer.max_abs_weight_accepted=0.01"),
 ])
 def test_weights_that_blew_up_fail_the_step(micro_model, overrides, needle):
     from test_trainer import make_batch, trainer_for
@@ -450,3 +450,69 @@ def test_a_folder_that_turns_unwritable_mid_run_is_one_line_naming_the_path(tmp_
     with pytest.raises(FileNotFoundError):  # other OS errors keep their type
         with writing():
             open(tmp_path / "missing")
+
+
+# ----------------------------------------------------------------------------- end to end, as the user
+
+def _mlflow_run(out: Path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("resrl").experiment_id])
+    return client, runs
+
+
+@pytest.mark.slow  # two `resrl train` processes with the shared Prefect server: ~1 min
+@pytest.mark.parametrize("extra, env, needle", [
+    (["trainer.lr=1e30"], {}, "training diverged at RL step 1: "),
+    (["reward.function=benchmarks.faults:nan_reward"], {"RESRL_NAN_REWARD_AT": "40"}, "returned nan"),
+])
+def test_diverged_training_or_a_nan_reward_fails_the_run(extra, env, needle, workdir, tmp_path, prefect_api_url):
+    from conftest import run_cli
+
+    proc = run_cli(["train", "--config", SMOKE, *_tiny(workdir, tmp_path, "trainer.steps=2", "eval.every=2", *extra)],
+                   {"PREFECT_API_URL": prefect_api_url, **env})
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("resrl: error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and needle in errors[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    client, (run,) = _mlflow_run(tmp_path)
+    assert run.info.status == "FAILED" and needle in run.data.tags["resrl.error"]
+    state = json.loads(next(tmp_path.glob("*/state.json")).read_text())
+    assert state["step"] == 0 and not state["finished"]  # nothing of the bad step was committed
+    assert not list(tmp_path.glob("*/checkpoints/step_*/manifest.json"))
+    assert not client.get_metric_history(run.info.run_id, "train/reward_mean")
+
+
+@pytest.mark.slow  # three `resrl train` processes with the shared Prefect server: ~1.5 min
+def test_a_damaged_checkpoint_and_a_lost_state_file_are_survived(workdir, tmp_path, prefect_api_url):
+    from conftest import run_cli
+
+    args = ["train", "--config", SMOKE, *_tiny(workdir, tmp_path, "trainer.steps=2", "eval.every=2")]
+    env = {"PREFECT_API_URL": prefect_api_url}
+    assert run_cli(args, env).returncode == 0
+    rdir = next(tmp_path.glob("*/state.json")).parent
+    # stopped after step 2's commit, before the run was marked finished; then step 2's weights truncated
+    state = json.loads((rdir / "state.json").read_text())
+    (rdir / "state.json").write_text(json.dumps({**state, "finished": False, "evaluated": [0]}))
+    model = rdir / "checkpoints" / "step_00002" / "policy" / "model.safetensors"
+    model.write_bytes(model.read_bytes()[:1000])
+    proc = run_cli(args, env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "checkpoint step_00002 is damaged" in proc.stdout + proc.stderr and "has 1000 bytes" in \
+        proc.stdout + proc.stderr and "resuming from step_00001" in proc.stdout + proc.stderr
+    client, (run,) = _mlflow_run(tmp_path)  # still one MLflow run
+    assert run.info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/reward_mean")) == [1, 2]
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "eval/pass_at_1")) == [0, 2]
+    # state.json deleted: recovered from the checkpoint's manifest, not retrained into a second run
+    (rdir / "state.json").unlink()
+    proc = run_cli(args, env)
+    assert proc.returncode == 0 and "already finished" in proc.stdout, proc.stderr[-3000:]
+    _, runs = _mlflow_run(tmp_path)
+    assert len(runs) == 1
+    # garbage in state.json: one line naming it
+    (rdir / "state.json").write_text("{garbage")
+    proc = run_cli(args, env)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("resrl: error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and str(rdir / "state.json") in errors[0]
+    assert "Traceback" not in proc.stdout + proc.stderr
