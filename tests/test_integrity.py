@@ -464,7 +464,8 @@ def _mlflow_run(out: Path):
 
 @pytest.mark.slow  # two `resrl train` processes with the shared Prefect server: ~1 min
 @pytest.mark.parametrize("extra, env, needle", [
-    (["trainer.lr=1e30"], {}, "training diverged at RL step 1: "),
+    # the lr; an untrained model scores 0 everywhere (no update at all): rewards by parity instead
+    (["trainer.lr=1e30", "reward.function=benchmarks.faults:parity_reward"], {}, "training diverged at RL step 1: "),
     (["reward.function=benchmarks.faults:nan_reward"], {"RESRL_NAN_REWARD_AT": "40"}, "returned nan"),
 ])
 def test_diverged_training_or_a_nan_reward_fails_the_run(extra, env, needle, workdir, tmp_path, prefect_api_url):
