@@ -8,7 +8,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from resrl.checkpoint import latest_checkpoint
+from resrl.checkpoint import list_checkpoints, verify
 from resrl.config import ConfigError, load_config, to_dict
 from tasks import tracking
 from tasks.steps import evaluate_checkpoint
@@ -22,9 +22,9 @@ def evaluate_run_flow(run_name: str, config_file: str | None = None, overrides: 
     run = tracking.find_run_by_name(store_cfg, run_name)
     rdir = Path(run.data.tags["resrl.run_dir"])
     cfg = tracking.logged_config(store_cfg, run.info.run_id)  # the run's own resolved config
-    ckpt = latest_checkpoint(rdir)
+    ckpt = next((c for c in reversed(list_checkpoints(rdir)) if verify(c) is None), None)  # the newest intact one
     if ckpt is None:
-        raise ConfigError(f"run '{run_name}' ({rdir}) has no checkpoint yet")
+        raise ConfigError(f"run '{run_name}' ({rdir}) has no intact checkpoint yet")
     result = evaluate_checkpoint(to_dict(cfg), str(ckpt))
     step = result["step"]
     scheduled = {k.replace("eval/", "eval_scheduled/", 1): v for k, v in result["metrics"].items()

@@ -17,8 +17,11 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from resrl import interrupts
-from resrl.checkpoint import checkpoint_dir, load_step_metrics, policy_dir, prune_checkpoints, save_step_metrics
+from resrl.checkpoint import (MANIFEST, checkpoint_dir, list_checkpoints, load_step_metrics, policy_dir,
+                              prune_checkpoints, read_manifest, resume_checkpoint, save_step_metrics, step_of,
+                              write_manifest)
 from resrl.config import config_hash, from_dict, load_config, run_dir, to_dict, validate
+from resrl.errors import ConfigError, UserError, writing
 from resrl.run_state import RunState, run_lock
 from tasks import tracking
 from tasks.steps import evaluate_policy, generate_rollouts, prepare_data, update_policy
@@ -49,19 +52,44 @@ def train_flow(config: dict | None = None, config_file: str | None = None, overr
     form deployments use.
     """
     t_flow = time.time()
+    _record_stop_signals()
     if config is None:
         config = to_dict(load_config(config_file, overrides or []))
     cfg = from_dict(config)
     validate(cfg)
     rdir = run_dir(cfg)
-    with run_lock(rdir):  # one owner per run folder: a second start of the same run refuses, naming the holder
+    tracking.check_writable_folders(cfg)  # an unwritable output, cache or artifact folder: one line, now
+    with writing(), run_lock(rdir):  # one owner per run folder: a second start of the same run refuses
         return _run(cfg, config, rdir, t_flow)
+
+
+def _record_stop_signals() -> None:
+    """Inside a flow run Prefect's SIGTERM handler (raising TerminationSignal) has replaced resrl's;
+    wrap it so a SIGTERM is recorded too, and a stop a destructor swallows is still found by
+    `interrupts.check()`. Its module-level name is wrapped as well: Prefect compares the installed
+    handler against it (and a nested flow run installs it again)."""
+    import signal
+    import threading
+
+    from prefect.utilities import engine as prefect_engine
+
+    interrupts.install_hook()
+    if threading.current_thread() is not threading.main_thread():
+        return
+    original = getattr(prefect_engine, "_prefect_sigterm_handler", None)
+    if original is not None:
+        prefect_engine._prefect_sigterm_handler = interrupts.recording(original)
+    current = signal.getsignal(signal.SIGTERM)
+    if current is original and original is not None:
+        signal.signal(signal.SIGTERM, prefect_engine._prefect_sigterm_handler)
+    elif callable(current):
+        signal.signal(signal.SIGTERM, interrupts.recording(current))
 
 
 def _run(cfg, config: dict, rdir: Path, t_flow: float) -> dict:
     """The flow's body, while this process holds the run folder."""
     logger = get_run_logger()
-    state = RunState.open(rdir, config_hash(cfg), resume=cfg.run.resume)
+    state = _open_state(cfg, rdir, logger)
     (rdir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     uri = tracking.tracking_uri(cfg)
     if state.finished:
@@ -86,9 +114,11 @@ def _run(cfg, config: dict, rdir: Path, t_flow: float) -> dict:
         tracking.log_metrics(cfg, run_id, summary_metrics, cfg.trainer.steps)
         tracking.flush()  # every step's metrics stored before the run is FINISHED
         tracking.stop_system_metrics(monitor)
-        tracking.finish_run(cfg, run_id)
-        state.finished = True
-        state.save(rdir)
+        interrupts.check()  # a stop that came after the last check is not lost: the run is KILLED, not FINISHED
+        with interrupts.deferred():  # from here a stop is recorded (the CLI then exits non-zero), not half-done
+            tracking.finish_run(cfg, run_id)
+            state.finished = True
+            state.save(rdir)
     except BaseException as exc:
         with interrupts.deferred():  # a second signal must not leave the run RUNNING
             _flush_quietly(logger)
@@ -114,6 +144,53 @@ def _flush_quietly(logger) -> None:
         tracking.flush()
     except Exception as exc:  # noqa: BLE001
         logger.warning("some queued MLflow metrics were not stored: %s", exc)
+
+
+def _open_state(cfg, rdir: Path, logger) -> RunState:
+    """The run folder's state, checked: a folder whose state.json is gone is recovered (never
+    trained again from step 0 into a second MLflow run), and a resume starts from the newest
+    intact checkpoint (a damaged newer one is set aside with a warning naming the file)."""
+    chash = config_hash(cfg)
+    if not RunState.path(rdir).is_file() and RunState.has_traces(rdir):
+        _recover_state(cfg, rdir, chash, logger)
+    state = RunState.open(rdir, chash, resume=cfg.run.resume)
+    if state.step > 0 and not state.finished:
+        ckpt, warnings = resume_checkpoint(rdir, state.step)
+        for line in warnings:
+            logger.warning(line)
+        if step_of(ckpt) != state.step:
+            state.step = step_of(ckpt)
+            state.save(rdir)
+    return state
+
+
+def _recover_state(cfg, rdir: Path, chash: str, logger) -> None:
+    """Rebuild a lost state.json: the step and MLflow run id from the newest committed checkpoint's
+    manifest, or (no checkpoint yet) the MLflow run tagged with this run folder."""
+    committed = [c for c in list_checkpoints(rdir) if (c / MANIFEST).is_file()]
+    step, run_id = 0, None
+    if committed:
+        ckpt, warnings = resume_checkpoint(rdir, step_of(committed[-1]))
+        for line in warnings:
+            logger.warning(line)
+        manifest = read_manifest(ckpt) or {}
+        if manifest.get("config_hash", chash) != chash:
+            raise ConfigError(f"run folder {rdir} holds a run with a different config (hash "
+                              f"{manifest['config_hash']}, now {chash}); set run.name to a new name")
+        step, run_id = step_of(ckpt), manifest.get("mlflow_run_id")
+    if run_id is None:
+        run_id = tracking.find_run_for_folder(cfg, rdir)
+    if run_id is None and not committed:
+        return  # nothing of this run was committed or reached MLflow: starting afresh loses nothing
+    if run_id is None:
+        raise UserError(f"run folder {rdir} holds a run's work but no state.json, and neither a committed "
+                        "checkpoint nor MLflow names its run; restore state.json, or delete the folder (or set "
+                        "run.name) to train the run again")
+    state = RunState(config_hash=chash, step=step, mlflow_run_id=run_id)
+    state.finished = step == cfg.trainer.steps and tracking.run_status(cfg, run_id) == "FINISHED"
+    state.save(rdir)
+    logger.warning("run folder %s had no state.json: recovered at step %d, MLflow run %s%s", rdir, step, run_id,
+                   " (finished)" if state.finished else "")
 
 
 def _train(run: _Run) -> dict:
@@ -149,6 +226,7 @@ def _train(run: _Run) -> dict:
             interrupts.check()
             last_eval = _evaluate(run, prepared, step)
             timed.append(last_eval)
+    interrupts.check()  # after the last evaluation too
     final_policy = policy_dir(checkpoint_dir(run.rdir, steps)) if steps > 0 else Path(prepared["policy_dir"])
     tracking.log_policy(cfg, run.run_id, final_policy)
     return {"timings": _timings(prepared["seconds"], timed), "final_eval": last_eval}
@@ -173,12 +251,14 @@ def _rl_step(run: _Run, prepared: dict, step: int) -> dict:
                     metrics["time/update_s"], f" | reward errors {errors}" if errors else "")
     if upd["checkpoint"]:
         save_step_metrics(Path(upd["checkpoint"]), run.uncommitted)
+        write_manifest(Path(upd["checkpoint"]), step, mlflow_run_id=run.run_id, config_hash=run.state.config_hash)
         # The steps committed before are stored before this commit: only the newest commit's metrics
         # can be in flight (queued below), and those are in its checkpoint to log again on a resume.
         tracking.flush()
         run.state.step = step
         run.state.save(run.rdir)  # the commit
-        tracking.log_step_metrics(cfg, run.run_id, run.uncommitted, synchronous=False)  # stored in the background
+        # only_missing: a step redone after a resume fell back past a damaged checkpoint is in MLflow already
+        tracking.log_step_metrics(cfg, run.run_id, run.uncommitted, only_missing=True, synchronous=False)
         run.uncommitted = []
         prune_checkpoints(run.rdir, cfg.run.keep_checkpoints, committed=step)
     return metrics

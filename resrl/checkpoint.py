@@ -6,24 +6,32 @@
         deepspeed/               ... or a ZeRO optimizer's partitioned state, in DeepSpeed's format
         trainer_state.json       {"step": 12}
         step_metrics.json        the metrics of the steps it commits, until they are in MLflow
+        manifest.json            written last, at the commit: every file's size and sha256, the step,
+                                 the MLflow run id and the config hash (see `verify`, `resume_checkpoint`)
 
 Everything else (the trainer, the tasks, the flows, the benchmarks) asks this module for
 these paths instead of spelling them.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
 import torch
+
+from resrl.errors import UserError
 
 POLICY = "policy"
 OPTIMIZER = "optimizer.safetensors"
 DEEPSPEED = "deepspeed"
 TRAINER_STATE = "trainer_state.json"
 STEP_METRICS = "step_metrics.json"
+MANIFEST = "manifest.json"
 _PREFIX = "step_"
+DAMAGED_PREFIX = "damaged-"  # a damaged checkpoint set aside on resume (kept for inspection, never loaded)
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -69,6 +77,92 @@ def save_step_metrics(ckpt_dir: Path, entries: list[tuple[int, dict]]) -> None:
 def load_step_metrics(ckpt_dir: Path) -> list[tuple[int, dict]]:
     path = Path(ckpt_dir) / STEP_METRICS
     return [(int(step), m) for step, m in json.loads(path.read_text())] if path.is_file() else []
+
+
+# ----------------------------------------------------------------------------- integrity
+
+class CheckpointDamaged(UserError):
+    """No intact checkpoint to resume from."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(ckpt_dir: Path, step: int, **info) -> None:
+    """Every file of the checkpoint with its size and sha256, plus `step` and `info` (the MLflow run
+    id, the config hash): written at the commit, after everything else, atomically. A resume
+    verifies it (`verify`); a run folder that lost its state.json is recovered from it."""
+    ckpt_dir = Path(ckpt_dir)
+    files = {str(p.relative_to(ckpt_dir)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(ckpt_dir.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    tmp = ckpt_dir / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps({"step": step, **info, "files": files}, indent=1))
+    os.replace(tmp, ckpt_dir / MANIFEST)
+
+
+def read_manifest(ckpt_dir: Path) -> dict | None:
+    """The checkpoint's manifest; None when it has none (written before manifests existed, or the
+    commit never happened)."""
+    path = Path(ckpt_dir) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
+            raise ValueError("no file list")
+        return data
+    except (OSError, ValueError) as exc:
+        raise CheckpointDamaged(f"{path} cannot be read ({type(exc).__name__}: {exc})") from None
+
+
+def verify(ckpt_dir: Path) -> str | None:
+    """None when the checkpoint is intact (every file of its manifest there, with its size and
+    digest); else one phrase naming the damaged file. A checkpoint without a manifest is
+    accepted unverified (resrl before manifests)."""
+    ckpt_dir = Path(ckpt_dir)
+    try:
+        manifest = read_manifest(ckpt_dir)
+    except CheckpointDamaged as exc:
+        return str(exc)
+    if manifest is None:
+        return None if (ckpt_dir / TRAINER_STATE).is_file() else f"{ckpt_dir / TRAINER_STATE} is missing"
+    for rel, want in manifest["files"].items():
+        path = ckpt_dir / rel
+        if not path.is_file():
+            return f"{path} is missing"
+        size = path.stat().st_size
+        if size != want["size"]:
+            return f"{path} has {size} bytes, its manifest says {want['size']}"
+        if _sha256(path) != want["sha256"]:
+            return f"{path} does not match its sha256 in the manifest"
+    return None
+
+
+def resume_checkpoint(run_dir: Path, committed: int) -> tuple[Path, list[str]]:
+    """The newest intact checkpoint at or before the committed step, and one warning line per
+    newer one that is damaged (set aside as `damaged-step_N`, so it is never loaded or pruned
+    into place). CheckpointDamaged when none is intact."""
+    damaged = []
+    for ckpt in reversed([c for c in list_checkpoints(run_dir) if step_of(c) <= committed]):
+        problem = verify(ckpt)
+        if problem is None:
+            warnings = [f"checkpoint {c.name} is damaged ({why}); resuming from {ckpt.name} (step {step_of(ckpt)}), "
+                        f"the damaged one is kept as {c.parent / (DAMAGED_PREFIX + c.name)}" for c, why in damaged]
+            for c, _ in damaged:
+                aside = c.parent / (DAMAGED_PREFIX + c.name)
+                shutil.rmtree(aside, ignore_errors=True)  # one set aside by an earlier resume
+                os.replace(c, aside)
+            return ckpt, warnings
+        damaged.append((ckpt, problem))
+    found = "; ".join(f"{c.name}: {why}" for c, why in damaged) or "none on disk"
+    raise CheckpointDamaged(f"run folder {run_dir} is committed at step {committed} but has no intact checkpoint to "
+                            f"resume from ({found}); restore the checkpoints from a copy, or delete the run folder "
+                            "(or set run.name) to train it again from the start")
 
 
 # ----------------------------------------------------------------------------- contents

@@ -151,21 +151,31 @@ def _train(args) -> int:
 def _train_rank0(args, cfg) -> int:
     from resrl.config import run_dir, to_dict
     from flows.train import train_flow
-    from tasks.tracking import open_store, run_url_hint, tracking_uri
+    from tasks.tracking import check_writable_folders, open_store, run_url_hint, tracking_uri
 
     rdir = run_dir(cfg)
+    check_writable_folders(cfg)  # before the store, the Prefect server and any data preparation
     open_store(cfg)  # an unreachable tracking server fails now, in seconds, before any data preparation
     print(f"resrl: run folder {rdir}  |  MLflow store {tracking_uri(cfg)}", flush=True)
     _own_temporary_prefect_server()
+    from resrl import interrupts
+
     try:
         result = train_flow(config=to_dict(cfg))
     except KeyboardInterrupt:
         from resrl.run_state import RunState
 
         state = RunState.load(rdir)
+        if state is not None and state.finished:  # the stop came while Prefect closed the finished flow run
+            print(f"\nresrl: interrupted after the run finished; it is complete in {rdir}.", file=sys.stderr)
+            return 130
         step = state.step if state else 0
         print(f"\nresrl: interrupted; the run is kept at step {step} in {rdir}: run the same command again "
               "to resume it.", file=sys.stderr)
+        return 130
+    if interrupts.requested():  # it came while the finished run was being recorded: never a silent exit 0
+        print(f"\nresrl: interrupted ({interrupts.requested_signal()}) just as the run finished; it is complete "
+              f"in {rdir} (MLflow run {result['mlflow_run_id']}).", file=sys.stderr)
         return 130
     print()
     if result.get("already_finished"):
@@ -189,9 +199,10 @@ def _train_rank0(args, cfg) -> int:
 def _sweep(args) -> int:
     from flows.sweep import sweep_flow
     from resrl.sweep import load_sweep
-    from tasks.tracking import open_store, run_url_hint
+    from tasks.tracking import check_writable_folders, open_store, run_url_hint
 
     sweep = load_sweep(args.config, args.overrides)  # checks every point before anything starts
+    check_writable_folders(sweep.points[0].cfg)
     open_store(sweep.points[0].cfg)  # an unreachable server fails now; a new SQLite store is created once
     print(f"resrl: sweep {sweep.sweep_id}: {len(sweep.points)} points, concurrency {sweep.concurrency}", flush=True)
     result = sweep_flow(sweep_file=args.config, overrides=args.overrides)
@@ -213,13 +224,13 @@ def _compare(args) -> int:
     """The report of a sweep, rebuilt from MLflow; --config names the store (a sweep file or a run config)."""
     from pathlib import Path
 
-    import yaml
-
     from resrl.config import load_config
     from resrl.sweep import load_sweep
     from tasks.report import build_report
 
-    spec = yaml.safe_load(Path(args.config).read_text()) if args.config and Path(args.config).is_file() else {}
+    from resrl.sweep import read_sweep_file
+
+    spec = read_sweep_file(args.config) if args.config and Path(args.config).is_file() else {}
     if {"grid", "points"} & set(spec or {}):
         cfg = load_sweep(args.config, args.overrides).points[0].cfg  # a sweep file: use its store
     else:
@@ -262,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "export-verl":
             return _export_verl(args)
         if args.command == "sweep":
+            from resrl.sweep import load_sweep
+
+            load_sweep(args.config, args.overrides)  # a bad sweep file is one line now, not after Prefect's start
             _quiet_prefect()
             _own_temporary_prefect_server()
             return _sweep(args)

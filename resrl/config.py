@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -39,6 +40,8 @@ _NOT_HASHED = (
     "run.log_model",
     "run.concurrency_limit",
     "run.sweep_deployment",
+    "trainer.max_grad_norm_accepted",  # guards: they stop a run, they do not change what it computes
+    "trainer.max_abs_weight_accepted",
 )
 
 
@@ -82,7 +85,7 @@ def _check_keys(update: DictConfig, base_flat: dict[str, Any], source: str) -> N
 NULL_DEFAULT_TYPES: dict[str, type] = {
     "run.name": str, "run.tracking_uri": str, "run.sweep_id": str, "run.parent_run_id": str,
     "data.path": str, "data.num_train": int, "data.num_test": int, "model.path": str,
-    "reward.function": str, "eval.final_k": int,
+    "reward.function": str, "eval.final_k": int, "trainer.max_grad_norm_accepted": float,
 }
 
 
@@ -153,11 +156,25 @@ def config_hash(cfg: DictConfig) -> str:
     return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
+# run.name becomes one folder under run.output_dir (and the MLflow run's name): one path component of
+# safe characters, so no name (also one a Prefect deployment's caller passes) can put a run elsewhere
+RUN_NAME_RULE = ("one folder name of at most 128 letters, digits, '.', '_' or '-', starting with a letter, "
+                 "digit or '_' (no '/', no '..')")
+_RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+
+
+def check_run_name(name) -> None:
+    """ConfigError unless `name` is null or a safe folder name (RUN_NAME_RULE)."""
+    if name is not None and not (isinstance(name, str) and _RUN_NAME.fullmatch(name)):
+        raise ConfigError(f"run.name must be {RUN_NAME_RULE}, got {name!r}.")
+
+
 def run_name(cfg: DictConfig) -> str:
     return cfg.run.name or f"{cfg.algorithm.name}-{config_hash(cfg)}"
 
 
 def run_dir(cfg: DictConfig) -> Path:
+    check_run_name(cfg.run.name)  # also for configs that did not pass through validate
     return Path(cfg.run.output_dir) / run_name(cfg)
 
 
@@ -215,6 +232,7 @@ def validate(cfg: DictConfig) -> None:
     from resrl.algorithms import ALGORITHMS, LOSS_AGGREGATIONS, ROLLOUT_CORRECTIONS
     from resrl.data import DATA_SOURCES
 
+    check_run_name(cfg.run.name)  # first: where the run's files go
     a, r, t, e, loss = cfg.algorithm, cfg.rollout, cfg.trainer, cfg.eval, cfg.loss
     _check(a.name in ALGORITHMS, "algorithm.name", f"one of {', '.join(sorted(ALGORITHMS))}", a.name)
     _check(a.rank >= 1, "algorithm.rank", ">= 1", a.rank)
@@ -262,6 +280,10 @@ def validate(cfg: DictConfig) -> None:
     _check(t.adam_eps > 0, "trainer.adam_eps", "> 0", t.adam_eps)
     _check(t.mini_batches >= 1, "trainer.mini_batches", ">= 1", t.mini_batches)
     _check(t.epochs >= 1, "trainer.epochs", ">= 1", t.epochs)
+    _check(t.max_grad_norm_accepted is None or t.max_grad_norm_accepted > 0, "trainer.max_grad_norm_accepted",
+           "> 0 or null", t.max_grad_norm_accepted)
+    _check(t.max_abs_weight_accepted is None or t.max_abs_weight_accepted > 0, "trainer.max_abs_weight_accepted",
+           "> 0 or null", t.max_abs_weight_accepted)
     _check(t.micro_batch_size >= 1, "trainer.micro_batch_size", ">= 1", t.micro_batch_size)
     batch = r.prompts_per_step * r.n
     _require(batch % t.mini_batches == 0,

@@ -79,7 +79,52 @@ def _read_file(path: Path) -> list[dict]:
         while root.__cause__ is not None or root.__context__ is not None:  # datasets wraps the parser's error
             root = root.__cause__ or root.__context__
         detail = " ".join(f"{type(root).__name__}: {root}".split())[:300]
+        if path.suffix in (".jsonl", ".json"):  # the parser's message often misses the cause: find the row
+            detail = _json_problem(path) or detail
         raise DataError(f"data file '{path}' cannot be read as {path.suffix[1:]} ({detail})") from None
+
+
+def _strings(value):
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _strings(k)
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+
+
+def _json_problem(path: Path) -> str | None:
+    """The first row of a JSON (lines) file that cannot be used, and why, read with Python's own
+    decoder: invalid UTF-8, a lone surrogate (a `\\udXXX` escape no UTF-8 text can hold), bad JSON.
+    None when it finds nothing (then the parser's own message stands)."""
+    import json
+
+    data = path.read_bytes()
+    lines = data.split(b"\n") if path.suffix == ".jsonl" or not data.lstrip().startswith(b"[") else [data]
+    for number, raw in enumerate(lines, 1):
+        where = f"line {number}" if len(lines) > 1 else "the file"
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return (f"{where} is not UTF-8: byte 0x{raw[exc.start]:02x} at column {exc.start + 1} ({exc.reason}); "
+                    "save the file as UTF-8")
+        if not text.strip():
+            continue
+        try:
+            row = json.loads(text)
+        except ValueError as exc:
+            return f"{where} is not valid JSON: {exc}"
+        for value in _strings(row):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                char = value[exc.start]
+                return (f"{where} holds a lone surrogate \\u{ord(char):04x} in a string (half of a UTF-16 pair, "
+                        "not a character); fix or drop that row")
+    return None
 
 
 def load_raw_splits(path: str, split_train: str, split_test: str) -> dict[str, list[dict]]:

@@ -6,6 +6,7 @@ scheduled evaluation flow (a fresh engine on a run's newest checkpoint).
 from __future__ import annotations
 
 import json
+import math
 import time
 
 from resrl import seeds
@@ -17,6 +18,10 @@ from resrl.rewards import is_correct
 
 class RewardError(UserError):
     """Too many reward calls failed: the scores would say nothing."""
+
+
+def _name(reward_fn) -> str:
+    return getattr(reward_fn, "__module__", "?") + ":" + getattr(reward_fn, "__qualname__", "?")
 
 
 def score_samples(reward_fn, rows, outputs, max_error_fraction: float = 1.0) -> tuple[list[float], int]:
@@ -34,16 +39,21 @@ def score_samples(reward_fn, rows, outputs, max_error_fraction: float = 1.0) -> 
             extra = json.loads(extra) if extra else None
         for _, text, *_ in samples:
             try:
-                scores.append(float(reward_fn(row["data_source"], text, row["answer"], extra)))
+                score = float(reward_fn(row["data_source"], text, row["answer"], extra))
             except Exception as exc:  # noqa: BLE001 - a broken reward call scores 0; too many stop the run
                 scores.append(0.0)
                 errors += 1
                 first = first or f"{type(exc).__name__}: {str(exc)[:200]}"
+                continue
+            if not math.isfinite(score):  # a NaN reward would turn every advantage of its group into NaN
+                raise RewardError(f"the reward function {_name(reward_fn)} returned {score} for a sample of prompt "
+                                  f"{row.get('prompt_id', '?')} (data_source {row['data_source']!r}); rewards must "
+                                  "be finite numbers (nothing was trained on these scores).")
+            scores.append(score)
     errors += math_equiv.COUNTERS["timeouts"] + math_equiv.COUNTERS["errors"] - failed_before
     if scores and errors / len(scores) > max_error_fraction:
-        name = getattr(reward_fn, "__module__", "?") + ":" + getattr(reward_fn, "__qualname__", "?")
-        raise RewardError(f"the reward function {name} failed on {errors} of {len(scores)} samples (more than "
-                          f"reward.max_error_fraction={max_error_fraction})"
+        raise RewardError(f"the reward function {_name(reward_fn)} failed on {errors} of {len(scores)} samples "
+                          f"(more than reward.max_error_fraction={max_error_fraction})"
                           + (f"; first error: {first}" if first else " (verifier timeouts or errors)"))
     return scores, errors
 

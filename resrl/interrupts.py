@@ -7,14 +7,23 @@ dropped, and the run simply goes on (seen on the CPU: 2 of 13 Ctrl-Cs sent durin
 tiny run's first minute were lost in a `WeakValueDictionary` callback). The handler here also records the
 request, and long loops call `check()` at safe points (between steps), which raises
 it again.
+
+Inside a Prefect flow run, Prefect's engine replaces the SIGTERM handler with its own, which
+raises `TerminationSignal` and records nothing: swallowed by a destructor, such a stop was lost
+(seen: 3 of 3 SIGTERMs sent just after a run's final evaluation, which then ended FINISHED with
+exit code 0). Two nets catch it: `recording(handler)` wraps a handler so the signal is recorded
+before it runs (flows/train.py wraps Prefect's), and `install()` also sets an unraisable-exception
+hook that records a KeyboardInterrupt or TerminationSignal that a destructor swallowed, whoever
+raised it.
 """
 from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 
-_requested = False
+_requested: int | None = None  # the number of the signal that asked to stop, until reset()
 
 
 def signal_name(number: int) -> str:
@@ -27,7 +36,40 @@ def signal_name(number: int) -> str:
 
 def _record(signum, frame) -> None:
     global _requested
-    _requested = True
+    if _requested is None:
+        _requested = signum
+
+
+def recording(handler):
+    """`handler`, wrapped so that the signal is recorded before it runs (for a handler installed by
+    other code, e.g. Prefect's SIGTERM handler inside a flow run)."""
+    if getattr(handler, "_resrl_recording", False):
+        return handler
+
+    def wrapper(signum, frame):
+        _record(signum, frame)
+        return handler(signum, frame)
+
+    wrapper._resrl_recording = True
+    wrapper.__wrapped__ = handler
+    return wrapper
+
+
+def _is_stop(exc_type) -> bool:
+    """KeyboardInterrupt, or Prefect's TerminationSignal (by name: this module imports no Prefect)."""
+    return exc_type is not None and (issubclass(exc_type, KeyboardInterrupt) or any(
+        cls.__name__ == "TerminationSignal" for cls in exc_type.__mro__))
+
+
+def _unraisable_hook(unraisable) -> None:
+    """Record a stop that a destructor or weakref callback swallowed, then report it as before."""
+    global _requested
+    if _is_stop(unraisable.exc_type) and _requested is None:
+        _requested = getattr(unraisable.exc_value, "signal", None) or signal.SIGINT
+    _previous_unraisable_hook(unraisable)
+
+
+_previous_unraisable_hook = sys.unraisablehook
 
 
 def _handler(signum, frame) -> None:
@@ -43,6 +85,15 @@ def install() -> None:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, _handler)
         signal.signal(signal.SIGTERM, _handler)
+    install_hook()
+
+
+def install_hook() -> None:
+    """Record stops that destructors swallow (`sys.unraisablehook`), whichever handler raised them."""
+    global _previous_unraisable_hook
+    if sys.unraisablehook is not _unraisable_hook:
+        _previous_unraisable_hook = sys.unraisablehook
+        sys.unraisablehook = _unraisable_hook
 
 
 @contextlib.contextmanager
@@ -62,15 +113,20 @@ def deferred():
 
 
 def requested() -> bool:
-    return _requested
+    return _requested is not None
+
+
+def requested_signal() -> str | None:
+    """The name of the signal that asked to stop (SIGINT, SIGTERM), or None."""
+    return None if _requested is None else signal_name(_requested)
 
 
 def check() -> None:
-    """Raise KeyboardInterrupt if Ctrl-C was pressed, even if its first raise was swallowed."""
-    if _requested:
-        raise KeyboardInterrupt("raised again")
+    """Raise KeyboardInterrupt if a stop signal came, even if its first raise was swallowed."""
+    if _requested is not None:
+        raise KeyboardInterrupt(f"{signal_name(_requested)} (raised again)")
 
 
 def reset() -> None:
     global _requested
-    _requested = False
+    _requested = None

@@ -319,6 +319,7 @@ class DataParallelTrainer(PolicyTrainer):
             self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
             if last:
                 norm = self._grad_norm_before_step()
+                self._refuse_gradient(norm)  # the global norm: every rank refuses alike
             self.engine.step()
             total += float(loss.detach())
         reduced = self._all_reduce([total, *(local[key] for key in keys)])

@@ -40,8 +40,28 @@ class RunState:
 
     @classmethod
     def load(cls, run_dir: Path) -> "RunState | None":
+        """The folder's state; None when it has no state.json. A file that cannot be read is a
+        UserError naming it and the way out, never a traceback."""
         p = cls.path(run_dir)
-        return cls(**json.loads(p.read_text())) if p.is_file() else None
+        if not p.is_file():
+            return None
+        try:
+            data = json.loads(p.read_text())
+            if not isinstance(data, dict):
+                raise ValueError(f"a JSON {type(data).__name__}, not an object")
+            fields = set(cls.__dataclass_fields__)
+            if "config_hash" not in data or set(data) - fields:
+                raise ValueError(f"fields {sorted(data)}, expected config_hash and some of {sorted(fields)}")
+            state = cls(**data)
+            if not (isinstance(state.step, int) and isinstance(state.finished, bool)
+                    and isinstance(state.evaluated, list)):
+                raise ValueError("step, finished or evaluated has the wrong type")
+            return state
+        except (OSError, ValueError) as exc:  # JSONDecodeError, UnicodeDecodeError are ValueErrors
+            detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+            raise UserError(f"run state file {p} cannot be read ({detail}); delete it and run the same command "
+                            "again: the run is recovered from its newest intact checkpoint and its MLflow "
+                            "run") from None
 
     @classmethod
     def open(cls, run_dir: Path, config_hash: str, resume: bool) -> "RunState":
@@ -60,6 +80,13 @@ class RunState:
             raise ConfigError(f"run folder {run_dir} already holds a run at step {state.step}; run.resume=false "
                               "refuses to overwrite it. Delete the folder or pick another run.name.")
         return state
+
+    @staticmethod
+    def has_traces(run_dir: Path) -> bool:
+        """Whether a run was started in the folder (its config, checkpoints, rollouts, evaluations):
+        without state.json such a folder is recovered, never trained again from step 0 as a new run."""
+        return (Path(run_dir) / "config.yaml").is_file() or any(
+            any((Path(run_dir) / sub).glob("*")) for sub in ("checkpoints", "rollouts", "eval"))
 
     def save(self, run_dir: Path) -> None:
         p = self.path(run_dir)
@@ -92,7 +119,10 @@ def run_lock(run_dir: Path):
                   .encode(), 0)
         yield
     finally:
-        os.ftruncate(fd, 0)
+        try:
+            os.ftruncate(fd, 0)  # the holder's name is only for messages: a folder gone read-only must not
+        except OSError:          # replace the run's own error with this one
+            pass
         os.close(fd)  # closing releases the flock
 
 

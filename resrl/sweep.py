@@ -128,11 +128,26 @@ def resolve_base(base: str | None, sweep_file: Path) -> str | None:
     raise ConfigError(f"sweep base config '{base}' not found; looked in: {', '.join(map(str, tried))}")
 
 
-def load_sweep(path: str | Path, extra_overrides: list[str] = ()) -> Sweep:
+def read_sweep_file(path: str | Path) -> dict:
+    """The sweep file as a plain dict; a YAML syntax error, an object tag (`!!python/...`), a bad
+    `${...}` or a file that is not a mapping is one ConfigError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"sweep file '{path}' does not exist")
-    spec = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    try:
+        loaded = OmegaConf.load(path)
+        if isinstance(loaded, DictConfig):
+            return OmegaConf.to_container(loaded, resolve=True)
+    except Exception as exc:  # noqa: BLE001 - YAML syntax, object tags, encodings, ${...}: the user's to fix
+        raise ConfigError(f"sweep file '{path}' cannot be read: {' '.join(f'{type(exc).__name__}: {exc}'.split())}"
+                          ) from None
+    raise ConfigError(f"sweep file '{path}' must hold a mapping of keys (name, base, grid, ...), not "
+                      f"{type(loaded).__name__}")
+
+
+def load_sweep(path: str | Path, extra_overrides: list[str] = ()) -> Sweep:
+    path = Path(path)
+    spec = read_sweep_file(path)
     unknown = set(spec) - SWEEP_KEYS
     if unknown:
         raise ConfigError(f"unknown sweep key(s) {sorted(unknown)} in {path}; allowed: {sorted(SWEEP_KEYS)}")

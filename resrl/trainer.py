@@ -35,7 +35,7 @@ from resrl.algorithms.advantages import resrl_token_weights
 from resrl.batch import RolloutBatch, pack
 from resrl.deepspeed_setup import deepspeed_config, init_distributed, warmup_schedule
 from resrl.devices import resolve_device, resolve_dtype
-from resrl.errors import ConfigError
+from resrl.errors import ConfigError, UserError
 from resrl.metrics import advantage_metrics, sampler_agreement
 
 def response_logits(logits: torch.Tensor, T: int) -> torch.Tensor:
@@ -108,6 +108,10 @@ def micro_batches(rows: torch.Tensor, size: int) -> list[torch.Tensor]:
     return [rows[i:i + size] for i in range(0, len(rows), size)]
 
 
+class TrainingDiverged(UserError):
+    """A non-finite or diverged loss, gradient norm or weight: the step is not applied (or not saved)."""
+
+
 # the token sums policy_loss returns, summed over a step's micro-batches (kl_ref only with a reference model)
 _SUMMED = ("tokens", "pg_loss", "clip_frac", "approx_kl", "entropy")
 
@@ -153,6 +157,7 @@ class PolicyTrainer:
     # ------------------------------------------------------------------ the RL step
     def train_step(self, batch: RolloutBatch, step: int) -> dict[str, float]:
         cfg, t = self.cfg, self.cfg.trainer
+        self._step = step  # for the divergence guard's message
         # 1. old log-probs, entropy and token weights, without gradients
         scored = self.score(batch, seed=seeds.residual_svd(cfg.seed, step))
         # 2. advantages, token by token
@@ -178,6 +183,7 @@ class PolicyTrainer:
                 losses.append(loss)
                 grad_norms.append(norm)
                 sums.update(step_sums)
+        self._check_update(losses, grad_norms)  # before the weights are synced or saved
         # 4. diagnostics
         n_updates = max(len(losses), 1)
         metrics = {
@@ -254,6 +260,7 @@ class PolicyTrainer:
             self.engine.backward(loss, scale_wrt_gas=False)  # coefficients already normalize the mini-batch
             if last:
                 norm = self._grad_norm_before_step()
+                self._refuse_gradient(norm)  # a non-finite or too large gradient never reaches the weights
             self.engine.step()
             total += float(loss.detach())
         return total, self._grad_norm_after(norm), sums
@@ -359,6 +366,54 @@ class PolicyTrainer:
             return float("nan")
         grads = [p.grad.detach().float().norm() for p in self.engine.module.parameters() if p.grad is not None]
         return float(torch.stack(grads).norm()) if grads else 0.0
+
+    # ------------------------------------------------------------------ the divergence guard
+    def _diverged(self, what: str, value: float, applied: bool) -> TrainingDiverged:
+        done = ("it was applied in memory but this step is neither synced nor saved" if applied
+                else "the optimizer step was not applied")
+        return TrainingDiverged(
+            f"training diverged at RL step {getattr(self, '_step', '?')}: {what} ({value:.4g}); {done}, and the "
+            f"run keeps its last committed checkpoint. Lower trainer.lr (now {self.cfg.trainer.lr:g}), check the "
+            "rewards, or see trainer.max_grad_norm_accepted / trainer.max_abs_weight_accepted.")
+
+    def _refuse_gradient(self, norm: float) -> None:
+        """Before `engine.step()`: refuse a non-finite gradient norm, or one above
+        trainer.max_grad_norm_accepted. Only the plain fp32 optimizer knows the norm before the
+        step (`_grad_norm_before_step`); ZeRO's is checked after it, in `_check_update`."""
+        if not isinstance(self.engine.optimizer, torch.optim.Optimizer):
+            return
+        limit = self.cfg.trainer.max_grad_norm_accepted
+        if not math.isfinite(norm):
+            raise self._diverged("the gradient norm is not finite", norm, applied=False)
+        if limit is not None and norm > limit:
+            raise self._diverged(f"the gradient norm exceeds trainer.max_grad_norm_accepted={limit:g}", norm,
+                                 applied=False)
+
+    @torch.no_grad()
+    def _check_update(self, losses: list[float], grad_norms: list[float]) -> None:
+        """After the step's optimizer steps: the losses, the norms ZeRO reported after its steps, and
+        every weight (finite, and at most trainer.max_abs_weight_accepted in magnitude)."""
+        for loss in losses:
+            if not math.isfinite(loss):
+                raise self._diverged("the loss is not finite", loss, applied=True)
+        for norm in grad_norms:
+            limit = self.cfg.trainer.max_grad_norm_accepted
+            if not math.isfinite(norm) and not isinstance(self.engine.optimizer, torch.optim.Optimizer):
+                raise self._diverged("the gradient norm is not finite", norm, applied=True)
+            if limit is not None and norm > limit:
+                raise self._diverged(f"the gradient norm exceeds trainer.max_grad_norm_accepted={limit:g}", norm,
+                                     applied=True)
+        limit = self.cfg.trainer.max_abs_weight_accepted
+        for name, p in self.engine.module.named_parameters():
+            data = getattr(p, "ds_tensor", p)  # ZeRO-3: this rank's partition
+            if not data.numel():
+                continue
+            top = float(data.detach().abs().max())
+            if not math.isfinite(top):
+                raise self._diverged(f"weight {name} is not finite", top, applied=True)
+            if limit is not None and top > limit:
+                raise self._diverged(f"weight {name} exceeds trainer.max_abs_weight_accepted={limit:g} in "
+                                     "magnitude", top, applied=True)
 
     # ------------------------------------------------------------------ weights and checkpoints
     def named_weights(self):

@@ -13,6 +13,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from resrl.config import from_dict, run_dir
+from resrl.errors import reports_unwritable
 from resrl.checkpoint import checkpoint_dir, policy_dir
 from resrl.run_state import RunState, eval_dir, rollout_path
 
@@ -59,6 +60,7 @@ def retry_unless_user_error(task, task_run, state) -> bool:
 #   step. A failed run is resumed from its last checkpoint by running it again instead.
 @task(name="prepare-data", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5,
       retry_condition_fn=retry_unless_user_error)
+@reports_unwritable  # a folder that cannot be written: one line naming it, not a traceback
 def prepare_data(config: dict) -> dict:
     """Dataset and starting policy (built once per config, then reused from the cache)."""
     from resrl.prepare import prepare
@@ -68,6 +70,7 @@ def prepare_data(config: dict) -> dict:
 
 
 @task(name="rollout", cache_policy=NO_CACHE)
+@reports_unwritable  # a folder that cannot be written: one line naming it, not a traceback
 def generate_rollouts(config: dict, prepared: dict, step: int) -> dict:
     """n samples per prompt from the current policy, scored; saved as safetensors."""
     session, started = _session(config, prepared)
@@ -77,6 +80,7 @@ def generate_rollouts(config: dict, prepared: dict, step: int) -> dict:
 
 
 @task(name="update", cache_policy=NO_CACHE)
+@reports_unwritable  # a folder that cannot be written: one line naming it, not a traceback
 def update_policy(config: dict, prepared: dict, rollouts: str, step: int) -> dict:
     """One RL update on the saved rollouts, weight sync into vLLM, checkpoint when due.
 
@@ -96,6 +100,7 @@ def update_policy(config: dict, prepared: dict, rollouts: str, step: int) -> dic
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
+@reports_unwritable  # a folder that cannot be written: one line naming it, not a traceback
 def evaluate_policy(config: dict, prepared: dict, step: int, final: bool = False) -> dict:
     """Avg@k / Pass@k on held-out prompts; sample table and Pass@k plot written to the run folder."""
     from resrl.plots import plot_pass_at_k
@@ -115,6 +120,7 @@ def evaluate_policy(config: dict, prepared: dict, step: int, final: bool = False
 
 @task(name="evaluate-checkpoint", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=30,
       retry_condition_fn=retry_unless_user_error)
+@reports_unwritable  # a folder that cannot be written: one line naming it, not a traceback
 def evaluate_checkpoint(config: dict, ckpt_dir: str) -> dict:
     """Avg@k / Pass@k of a saved checkpoint's policy on the held-out prompts, with a fresh vLLM
     engine (the scheduled evaluation of a run that may have finished long ago)."""

@@ -63,6 +63,20 @@ def open_store(cfg) -> str:
     return uri
 
 
+def check_writable_folders(cfg) -> None:
+    """run.output_dir, run.cache_dir and (local store) the MLflow store's folders: NotWritable now,
+    naming the folder, rather than a traceback in the middle of the run."""
+    from resrl.errors import check_writable
+
+    check_writable(cfg.run.output_dir, "run.output_dir")
+    check_writable(cfg.run.cache_dir, "run.cache_dir")
+    uri = tracking_uri(cfg)
+    if uri.startswith("sqlite:///"):
+        check_writable(Path(uri[len("sqlite:///"):]).parent, "the MLflow store's folder")
+    if is_local_store(uri):
+        check_writable(local_artifact_root(cfg), "the MLflow artifact folder")
+
+
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     """Raise TrackingUnreachable unless something answers HTTP at `uri`."""
     import http.client
@@ -146,19 +160,28 @@ def log_config_params(cfg, run_id: str) -> None:
 
 
 _PENDING: list = []  # this process's asynchronous log calls not yet known to be stored (RunOperations)
+NONFINITE_SUFFIX = "_nonfinite"
 
 
 def log_metrics(cfg, run_id: str, metrics: dict[str, float], step: int, synchronous: bool = True) -> None:
-    """Metrics at `step`. With synchronous=False the call returns at once and MLflow's background
-    queue stores them; `flush()` waits until they are stored (and raises if they could not be)."""
+    """Metrics at `step`. MLflow drops NaN silently (a chart just lacks the point): a value that is
+    NaN or infinite is logged as `<key>_nonfinite` = 1 at that step instead, which the UI shows.
+    With synchronous=False the call returns at once and MLflow's background queue stores them;
+    `flush()` waits until they are stored (and raises if they could not be)."""
     import math
     import time
 
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
-             if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    batch = []
+    for k, v in metrics.items():
+        if v is None:
+            continue
+        if math.isfinite(float(v)):
+            batch.append(Metric(k, float(v), now, step))
+        else:
+            batch.append(Metric(k + NONFINITE_SUFFIX, 1.0, now, step))
     client = client_for(cfg)
     for i in range(0, len(batch), 1000):
         ops = client.log_batch(run_id, metrics=batch[i:i + 1000], synchronous=synchronous)
@@ -254,6 +277,19 @@ def start_or_resume_run(cfg, state, run_dir: Path, flow_run_id: str) -> str:
         if "resrl.error" in client.get_run(state.mlflow_run_id).data.tags:  # from the attempt that failed
             client.delete_tag(state.mlflow_run_id, "resrl.error")
     return state.mlflow_run_id
+
+
+def find_run_for_folder(cfg, run_dir: Path) -> str | None:
+    """The newest MLflow run trained in `run_dir` (its `resrl.run_dir` tag), or None."""
+    folder = str(Path(run_dir).resolve())
+    if "'" in folder:  # cannot be quoted in MLflow's filter syntax
+        return None
+    runs = search_runs(cfg, f"tags.`resrl.run_dir` = '{folder}'", order_by=["attributes.start_time DESC"])
+    return runs[0].info.run_id if runs else None
+
+
+def run_status(cfg, run_id: str) -> str:
+    return client_for(cfg).get_run(run_id).info.status
 
 
 def finish_run(cfg, run_id: str, status: str = "FINISHED") -> None:
