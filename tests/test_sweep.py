@@ -180,7 +180,7 @@ def _client(sweep_run):
 def test_failed_point_does_not_stop_the_others(sweep_run):
     out = sweep_run["first"].stdout
     assert sweep_run["first"].returncode == 1, sweep_run["first"].stderr[-3000:]  # one point failed
-    assert out.count("  finished ") == 3 and out.count("  failed") == 1
+    assert out.count("  finished ") == 3 and out.count("  failed") == 1, out + sweep_run["first"].stderr[-6000:]
     out_dir = Path(sweep_run["tmp"]) / "out" / "sweeps" / sweep_run["sweep"].sweep_id
     summary = pd.read_csv(out_dir / "summary.csv")
     assert sorted(summary["failed"]) == [0, 0, 0, 1] and list(summary["runs"]) == [1, 1, 1, 1]
