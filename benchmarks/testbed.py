@@ -30,15 +30,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def token_entropies(policy_dir: str, prompt_ids: list[list[int]], responses: list[list[int]]) -> list[list[float]]:
     """Entropy (nats) of the policy's next-token distribution at each response token, at temperature 1."""
     import torch
@@ -117,6 +108,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from resrl.config import load_config
+    from resrl.displacement import common_prefix
     from resrl.environment import set_process_defaults
     from resrl.metrics import pass_at_k
     from resrl.prepare import prepare

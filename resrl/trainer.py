@@ -197,7 +197,8 @@ class PolicyTrainer:
         metrics.update({k: v / tokens if tokens else float("nan") for k, v in sums.items()})
         metrics.update(advantage_metrics(adv, mask, batch.correct))
         metrics.update(scored.stats.as_dict())
-        classes = displacement.token_classes(batch.response_ids, batch.correct, batch.group_ids, mask.shape[1])
+        if scored.residual_weights is not None or diagnose:  # token classes only when something reads them
+            classes = displacement.token_classes(batch.response_ids, batch.correct, batch.group_ids, mask.shape[1])
         if scored.residual_weights is not None:
             metrics.update(displacement.weights_by_class(scored.residual_weights, classes, mask, ~batch.correct))
         if diagnose:
