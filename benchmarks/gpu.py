@@ -72,12 +72,13 @@ def worker(a) -> None:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from resrl import parallel
+    from resrl import ranks
+    from resrl.data_parallel import make_trainer
     from resrl.batch import RolloutBatch
     from resrl.config import load_config
     from resrl.rollout import RolloutEngine
 
-    rank, size = parallel.world()
+    rank, size = ranks.world()
     cuda = a.device == "cuda"
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -88,7 +89,7 @@ def worker(a) -> None:
         f"rollout.gpu_memory_utilization={a.vllm_memory}", f"rollout.enforce_eager={str(not cuda).lower()}",
         "rollout.kv_cache_gb=0.5", f"trainer.micro_batch_size={a.micro_batch}", "trainer.mini_batches=1",
         "warmstart.enabled=false", "trainer.warmup_steps=1"])
-    parallel.start(a.device)
+    ranks.start(a.device)
 
     def peak() -> float:
         if not cuda:
@@ -97,11 +98,11 @@ def worker(a) -> None:
         return (total - free) / 2**30
 
     engine = RolloutEngine.for_run(a.model, cfg, longest_prompt=a.prompt_len)
-    trainer = parallel.make_trainer(a.model, cfg, rollout_batch_size=a.prompts * a.samples)
+    trainer = make_trainer(a.model, cfg, rollout_batch_size=a.prompts * a.samples)
     gen = random.Random(0)
     vocab = 256  # prompt ids from the byte range: every id the tokenizer knows
     prompts = [[gen.randrange(vocab) for _ in range(a.prompt_len)] for _ in range(a.prompts)]
-    share = parallel.group_share(a.prompts, rank, size)
+    share = ranks.group_share(a.prompts, rank, size)
     rows, device_peak = [], (0.0 if cuda else float("nan"))
 
     def sync():

@@ -30,10 +30,13 @@ def run_one(algorithm: str, seed: int, base: Path, overrides: list[str]) -> dict
     from mlflow.tracking import MlflowClient
 
     from resrl.config import load_config, run_dir
+    from resrl.metrics import pass_key
     from tasks.tracking import tracking_uri
 
     args = [f"algorithm.name={algorithm}", f"seed={seed}", f"run.cache_dir={base}/cache",
             f"run.output_dir={base}/outputs", *overrides]
+    cfg = load_config(None, args)  # before the run: its folder is named by the code it starts with
+    rdir = run_dir(cfg)
     env = dict(os.environ)
     env.pop("MLFLOW_TRACKING_URI", None)
     t0 = time.time()
@@ -43,14 +46,13 @@ def run_one(algorithm: str, seed: int, base: Path, overrides: list[str]) -> dict
     if proc.returncode:
         print(proc.stdout[-3000:], proc.stderr[-3000:])
         raise SystemExit(f"resrl train {' '.join(args)} failed ({proc.returncode})")
-    cfg = load_config(None, args)
-    state = json.loads((run_dir(cfg) / "state.json").read_text())
+    state = json.loads((rdir / "state.json").read_text())
     client = MlflowClient(tracking_uri(cfg))
-    curve = {m.step: m.value for m in client.get_metric_history(state["mlflow_run_id"], "eval/pass_at_1")}
+    curve = {m.step: m.value for m in client.get_metric_history(state["mlflow_run_id"], pass_key(1))}
     k = cfg.eval.k
     final = client.get_run(state["mlflow_run_id"]).data.metrics
     return {"algorithm": algorithm, "seed": seed, "wall_s": wall, "curve": dict(sorted(curve.items())),
-            f"pass_at_{k}": final[f"eval/pass_at_{k}"], "k": k,
+            f"pass_at_{k}": final[pass_key(k)], "k": k,
             "warmstart": "built" if "warm-start trained now" in proc.stdout + proc.stderr else "cached"}
 
 

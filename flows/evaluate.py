@@ -1,4 +1,4 @@
-"""Scheduled evaluation: the newest checkpoint of a named run, evaluated with a fresh
+"""Scheduled evaluation: the newest committed checkpoint of a named run, evaluated with a fresh
 vLLM engine and logged into that same MLflow run (as `eval_scheduled/...` at the
 checkpoint's step), so a long or finished run can be re-checked on a cron schedule.
 """
@@ -8,8 +8,10 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from resrl.checkpoint import list_checkpoints, verify
-from resrl.config import ConfigError, load_config, to_dict
+from resrl.checkpoint import list_checkpoints, step_of, verify
+from resrl.config import load_config, to_dict
+from resrl.errors import ConfigError
+from resrl.run_state import RunState
 from tasks import tracking
 from tasks.steps import evaluate_checkpoint
 
@@ -22,9 +24,12 @@ def evaluate_run_flow(run_name: str, config_file: str | None = None, overrides: 
     run = tracking.find_run_by_name(store_cfg, run_name)
     rdir = Path(run.data.tags["resrl.run_dir"])
     cfg = tracking.logged_config(store_cfg, run.info.run_id)  # the run's own resolved config
-    ckpt = next((c for c in reversed(list_checkpoints(rdir)) if verify(c) is None), None)  # the newest intact one
+    state = RunState.load(rdir)
+    committed = state.step if state is not None else 0  # a checkpoint past it is a step still being written
+    ckpt = next((c for c in reversed(list_checkpoints(rdir)) if step_of(c) <= committed and verify(c) is None), None)
     if ckpt is None:
-        raise ConfigError(f"run '{run_name}' ({rdir}) has no intact checkpoint yet")
+        raise ConfigError(f"run '{run_name}' ({rdir}) has no committed, intact checkpoint yet "
+                          f"(state.json commits step {committed})")
     result = evaluate_checkpoint(to_dict(cfg), str(ckpt))
     step = result["step"]
     scheduled = {k.replace("eval/", "eval_scheduled/", 1): v for k, v in result["metrics"].items()

@@ -21,7 +21,8 @@ from omegaconf import OmegaConf
 from prefect import flow, get_run_logger
 
 from resrl import cores
-from resrl.config import ConfigError, run_dir, run_name, to_dict
+from resrl.config import run_dir, run_name, to_dict
+from resrl.errors import ConfigError
 from resrl.run_state import RunState
 from resrl.sweep import SweepPoint, load_sweep
 from tasks import tracking

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import resource
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +24,9 @@ from resrl.checkpoint import (MANIFEST, checkpoint_dir, list_checkpoints, load_s
                               write_manifest)
 from resrl.config import config_hash, from_dict, load_config, run_dir, to_dict, validate
 from resrl.errors import ConfigError, UserError, writing
+from resrl.metrics import EVAL_K, avg_key, pass_key
 from resrl.run_state import RunState, run_lock
+from resrl.schedule import eval_due, missed_eval
 from tasks import tracking
 from tasks.steps import evaluate_policy, generate_rollouts, prepare_data, update_policy
 
@@ -68,9 +72,6 @@ def _record_stop_signals() -> None:
     wrap it so a SIGTERM is recorded too, and a stop a destructor swallows is still found by
     `interrupts.check()`. Its module-level name is wrapped as well: Prefect compares the installed
     handler against it (and a nested flow run installs it again)."""
-    import signal
-    import threading
-
     from prefect.utilities import engine as prefect_engine
 
     interrupts.install_hook()
@@ -215,14 +216,13 @@ def _train(run: _Run) -> dict:
     timed: list[dict] = []  # the metrics of every step and evaluation, in order: their time/* add up
     last_eval: dict = {}
     interrupts.check()
-    due = state.step == 0 or state.step % cfg.eval.every == 0 or state.step == steps
-    if due and state.step not in state.evaluated:  # step 0, or an evaluation an interruption skipped
+    if missed_eval(state.step, state.evaluated, cfg):  # step 0, or an evaluation an interruption skipped
         last_eval = _evaluate(run, prepared, state.step)
         timed.append(last_eval)
     for step in range(state.step + 1, steps + 1):
         interrupts.check()  # a Ctrl-C that a destructor swallowed stops the run here
         timed.append(_rl_step(run, prepared, step))
-        if step % cfg.eval.every == 0 or step == steps:
+        if eval_due(step, cfg):
             interrupts.check()
             last_eval = _evaluate(run, prepared, step)
             timed.append(last_eval)
@@ -269,7 +269,7 @@ def _evaluate(run: _Run, prepared: dict, step: int) -> dict:
     in the run's state. An evaluation whose metrics are in MLflow already (an interruption came
     before the state was saved) is only recorded, not repeated."""
     cfg = run.cfg
-    if step in tracking.logged_steps(cfg, run.run_id, "eval/pass_at_1"):
+    if step in tracking.logged_steps(cfg, run.run_id, pass_key(1)):
         run.state.evaluated = sorted(set(run.state.evaluated) | {step})
         run.state.save(run.rdir)
         return {}
@@ -280,10 +280,10 @@ def _evaluate(run: _Run, prepared: dict, step: int) -> dict:
     run.state.evaluated = sorted(set(run.state.evaluated) | {step})
     run.state.save(run.rdir)
     m = result["metrics"]
-    k = int(m["eval/k"])
+    k = int(m[EVAL_K])
     errors = int(m["eval/reward_errors"])
     run.logger.info("eval step %d: avg@%d %.3f | pass@%d %.3f | pass@1 %.3f%s", step, k,
-                    m[f"eval/avg_at_{k}"], k, m[f"eval/pass_at_{k}"], m["eval/pass_at_1"],
+                    m[avg_key(k)], k, m[pass_key(k)], m[pass_key(1)],
                     f" | reward errors {errors}" if errors else "")
     return m
 

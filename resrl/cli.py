@@ -21,11 +21,16 @@ without tracebacks; RESRL_DEBUG=1 keeps Prefect's tracebacks.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import os
+import signal
+import subprocess
 import sys
+from pathlib import Path
 
 from resrl.environment import set_process_defaults
+from resrl.errors import UserError
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="resrl", description="ResRL experiment workflow (Prefect + MLflow).")
@@ -63,8 +68,6 @@ class _QuietUserErrors(logging.Filter):
     """Drops Prefect's tracebacks of user errors; the CLI prints those as one line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from resrl.errors import UserError
-
         return not (record.exc_info and isinstance(record.exc_info[1], UserError))
 
 
@@ -89,9 +92,6 @@ def _own_temporary_prefect_server() -> None:
 
     if PREFECT_API_URL.value():
         return
-    import ctypes
-    import signal
-    import subprocess
 
     from prefect.server.api.server import SubprocessASGIServer
 
@@ -111,8 +111,6 @@ def _own_temporary_prefect_server() -> None:
     try:
         SubprocessASGIServer().start()
     except RuntimeError as exc:
-        from resrl.errors import UserError
-
         raise UserError(f"Prefect's temporary API server did not start ({str(exc)[:300]}); on a busy machine raise "
                         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS (now "
                         f"{os.environ.get('PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS')}), or start a server "
@@ -122,30 +120,30 @@ def _own_temporary_prefect_server() -> None:
 
 
 def _train(args) -> int:
-    from resrl import parallel
+    from resrl import ranks
     from resrl.config import load_config
 
     cfg = load_config(args.config, args.overrides)
     if cfg.trainer.num_processes > 1 and "RANK" not in os.environ:
         # Start the ranks on this machine: torchrun runs this same command in each of them.
-        import subprocess
-
         from resrl import cores
 
-        cmd = parallel.launcher_command(cfg, args.argv)
+        cmd = ranks.launcher_command(cfg, args.argv)
         print(f"resrl: starting {cfg.trainer.num_processes} data-parallel ranks with torchrun", flush=True)
         return subprocess.call(cmd, env={**os.environ, **cores.launcher_env(cfg.trainer.num_processes)})
-    parallel.check_launch(cfg)
+    ranks.check_launch(cfg)
     if cfg.trainer.num_processes > 1:
         from resrl.devices import resolve_device
 
-        parallel.start(resolve_device(cfg.trainer.device))
-        if parallel.is_follower():
-            return parallel.follow()  # rank 0 runs the flow, MLflow and the commits; this rank follows it
+        ranks.start(resolve_device(cfg.trainer.device))
+        if ranks.is_follower():
+            from resrl.session import follow
+
+            return follow()  # rank 0 runs the flow, MLflow and the commits; this rank follows it
     try:
         return _train_rank0(args, cfg)
     finally:
-        parallel.finish()
+        ranks.finish()
 
 
 def _train_rank0(args, cfg) -> int:
@@ -184,9 +182,11 @@ def _train_rank0(args, cfg) -> int:
     else:
         ev = result["final_eval"]
         if ev:
-            k = int(ev["eval/k"])
-            print(f"final eval: avg@{k} {ev[f'eval/avg_at_{k}']:.3f} | pass@1 {ev['eval/pass_at_1']:.3f} | "
-                  f"pass@{k} {ev[f'eval/pass_at_{k}']:.3f}")
+            from resrl.metrics import EVAL_K, avg_key, pass_key
+
+            k = int(ev[EVAL_K])
+            print(f"final eval: avg@{k} {ev[avg_key(k)]:.3f} | pass@1 {ev[pass_key(1)]:.3f} | "
+                  f"pass@{k} {ev[pass_key(k)]:.3f}")
         t = result["timings"]
         print("time: " + " | ".join(f"{name} {sec:.1f}s" for name, sec in t.items())
               + f" | peak RSS {result['peak_rss_gb']:.2f} GB")
@@ -222,8 +222,6 @@ def _sweep(args) -> int:
 
 def _compare(args) -> int:
     """The report of a sweep, rebuilt from MLflow; --config names the store (a sweep file or a run config)."""
-    from pathlib import Path
-
     from resrl.config import load_config
     from resrl.sweep import load_sweep
     from tasks.report import build_report
@@ -242,7 +240,6 @@ def _compare(args) -> int:
 
 
 def _export_verl(args) -> int:
-    from pathlib import Path
 
     from resrl.config import load_config
     from resrl.data import export_verl, load_summary
@@ -262,7 +259,6 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # the command again, for each data-parallel rank
     from resrl import interrupts
-    from resrl.errors import UserError
 
     interrupts.install()  # a Ctrl-C swallowed by a destructor is raised again between steps
 

@@ -1,9 +1,11 @@
 """Loading and checking run configurations.
 
-`conf/default.yaml` is the one place that lists every key and its default. A user's
-config file and `key=value` overrides are merged onto it; a key the defaults do not
-have is an error that names it and suggests close matches, and values are checked
-(`validate`) before any model or engine is loaded.
+`conf/default.yaml` is the one place that declares every key: its default, its comment
+and its tags (`key_tags`: the type of a null default, whether it counts in the run's hash,
+the value that reproduces runs made before it existed). A user's config file and
+`key=value` overrides are merged onto it; a key the defaults do not have is an error that
+names it and suggests close matches, and values are checked (`validate`) before any model
+or engine is loaded.
 """
 from __future__ import annotations
 
@@ -12,8 +14,10 @@ import hashlib
 import json
 import re
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Iterable
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -21,28 +25,50 @@ from resrl.errors import ConfigError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 DEFAULT_CONFIG = CONF_DIR / "default.yaml"
+_NO_VALUE = object()  # no @absent tag
 
-# Keys that change where or how a run is recorded but not what it computes; they are
-# left out of the config hash, so changing them keeps resuming the same run.
-_NOT_HASHED = (
-    "run.name",
-    "run.output_dir",
-    "run.cache_dir",
-    "run.experiment",
-    "run.tracking_uri",
-    "run.resume",
-    "run.checkpoint_every",
-    "run.keep_checkpoints",
-    "run.progress",
-    "run.sweep_id",
-    "run.parent_run_id",
-    "run.system_metrics",
-    "run.log_model",
-    "run.concurrency_limit",
-    "run.sweep_deployment",
-    "trainer.max_grad_norm_accepted",  # guards: they stop a run, they do not change what it computes
-    "trainer.max_abs_weight_accepted",
-)
+
+
+@dataclass(frozen=True)
+class KeyTags:
+    """What conf/default.yaml's comment tags declare about one key (see the file's header)."""
+    type: type | None = None      # @type=...: the type of a key whose default is null
+    hashed: bool = True           # False with @nohash
+    absent: Any = _NO_VALUE       # @absent=VALUE: the value that reproduces runs made before the key existed
+
+
+_TAG = re.compile(r"@(type|nohash|absent)(?:=(\S+))?")
+_TYPES = {"str": str, "int": int, "float": float, "bool": bool}
+
+
+def key_tags(path: Path | None = None) -> dict[str, KeyTags]:
+    """The tags of every key of the defaults file that has any, by dotted key (read from its comments)."""
+    path = Path(path or DEFAULT_CONFIG)
+    text = path.read_text()
+    cached = _TAGS_CACHE.get(str(path))
+    if cached is not None and cached[0] == text:
+        return cached[1]
+    out: dict[str, KeyTags] = {}
+    stack: list[str] = []
+    for line in text.splitlines():
+        m = re.match(r"^( *)([A-Za-z_]\w*):(.*)$", line)
+        if not m:
+            continue
+        stack = stack[:len(m.group(1)) // 2] + [m.group(2)]
+        comment = m.group(3).split(" # ", 1)[1] if " # " in m.group(3) else ""
+        found = dict(_TAG.findall(comment.split("  ", 1)[0]))  # tags open the comment
+        if not found:
+            continue
+        key = ".".join(stack)
+        if "type" in found and found["type"] not in _TYPES:
+            raise ConfigError(f"{path}: {key} has @type={found['type']}; use one of {', '.join(_TYPES)}")
+        out[key] = KeyTags(type=_TYPES.get(found.get("type")), hashed="nohash" not in found,
+                           absent=yaml.safe_load(found["absent"]) if "absent" in found else _NO_VALUE)
+    _TAGS_CACHE[str(path)] = (text, out)
+    return out
+
+
+_TAGS_CACHE: dict[str, tuple[str, dict[str, KeyTags]]] = {}
 
 
 def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, Any]:
@@ -80,18 +106,10 @@ def _check_keys(update: DictConfig, base_flat: dict[str, Any], source: str) -> N
         raise _unknown_key_error(key, base_flat, source)
 
 
-# Types of the keys whose default is null (the default cannot tell); a test checks that
-# every null default of conf/default.yaml is listed here.
-NULL_DEFAULT_TYPES: dict[str, type] = {
-    "run.name": str, "run.tracking_uri": str, "run.sweep_id": str, "run.parent_run_id": str,
-    "data.path": str, "data.num_train": int, "data.num_test": int, "model.path": str,
-    "reward.function": str, "eval.final_k": int, "trainer.max_grad_norm_accepted": float,
-}
-
-
 def _check_type(key: str, default: Any, value: Any, source: str) -> None:
-    if default is None and key in NULL_DEFAULT_TYPES:
-        default = NULL_DEFAULT_TYPES[key]()  # an example value of the declared type
+    declared = key_tags().get(key)
+    if default is None and declared is not None and declared.type is not None:
+        default = declared.type()  # an example value of the declared type
     if default is None or value is None:
         return
     ok = {
@@ -151,8 +169,15 @@ def _one_line(exc: BaseException) -> str:
 
 
 def config_hash(cfg: DictConfig) -> str:
-    """Short hash of everything that changes what a run computes."""
-    flat = {k: v for k, v in flatten(cfg).items() if k not in _NOT_HASHED}
+    """Short hash of everything that changes what a run computes: every key but the @nohash ones,
+    and but the @absent ones at the value that reproduces runs made before they existed (so adding
+    a key does not make finished runs unfinished)."""
+    tags = key_tags()
+
+    def counts(key, value):
+        tag = tags.get(key)
+        return tag is None or (tag.hashed and not (tag.absent is not _NO_VALUE and value == tag.absent))
+    flat = {k: v for k, v in flatten(cfg).items() if counts(k, v)}
     return hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
@@ -339,7 +364,10 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.run.checkpoint_every >= 1, "run.checkpoint_every", ">= 1", cfg.run.checkpoint_every)
     _check(cfg.run.keep_checkpoints >= 1, "run.keep_checkpoints", ">= 1", cfg.run.keep_checkpoints)
     from resrl.devices import check_dtype, resolve_device
-    from resrl.parallel import check_config
 
     check_dtype(cfg.model.dtype, resolve_device(cfg.trainer.device))  # also: trainer.device=cuda without CUDA
-    check_config(cfg)  # trainer.num_processes against the prompt groups
+    n = t.num_processes  # data-parallel ranks sample whole prompt groups
+    _require(isinstance(n, int) and n >= 1, f"trainer.num_processes must be an integer >= 1, got {n}.")
+    _require(n <= r.prompts_per_step,
+             f"trainer.num_processes ({n}) is more than rollout.prompts_per_step ({r.prompts_per_step}): each "
+             f"rank samples whole prompt groups, so a step has work for at most {r.prompts_per_step} ranks.")

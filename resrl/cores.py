@@ -1,5 +1,5 @@
 """A share of the machine's cores for each of several processes that run at once: the lanes of
-a sweep (flows/sweep.py) and the data-parallel ranks of one machine (resrl/parallel.py).
+a sweep (flows/sweep.py) and the data-parallel ranks of one machine (resrl/ranks.py).
 
 Left alone, every such process sizes its OpenMP/torch thread pool to all cores; two of them on 2
 cores then keep 4 runnable threads spinning and slow each other 5-10x, not 2x (../shared/STACK.md).

@@ -100,7 +100,6 @@ def _json_problem(path: Path) -> str | None:
     """The first row of a JSON (lines) file that cannot be used, and why, read with Python's own
     decoder: invalid UTF-8, a lone surrogate (a `\\udXXX` escape no UTF-8 text can hold), bad JSON.
     None when it finds nothing (then the parser's own message stands)."""
-    import json
 
     data = path.read_bytes()
     lines = data.split(b"\n") if path.suffix == ".jsonl" or not data.lstrip().startswith(b"[") else [data]

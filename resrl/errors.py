@@ -11,6 +11,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import os
+import tempfile
+from pathlib import Path
 
 
 class UserError(ValueError):
@@ -60,9 +63,6 @@ def reports_unwritable(fn):
 def check_writable(path, key: str) -> None:
     """Create `path` if needed and write a probe file in it: NotWritable naming `key` and the path
     when it cannot be written (checked at start, before any heavy work)."""
-    import os
-    import tempfile
-    from pathlib import Path
 
     p = Path(path)
     try:

@@ -11,7 +11,7 @@ import time
 
 from resrl import seeds
 from resrl.errors import UserError
-from resrl.metrics import evaluation_metrics
+from resrl.metrics import EVAL_PREFIX, evaluation_metrics
 from resrl.rewards import is_correct
 
 
@@ -79,7 +79,7 @@ def evaluate(engine, test_set, eval_cfg, reward_fn, seed: int, step: int, *, fin
     correct = [[is_correct(s) for s in scores[i * k:(i + 1) * k]] for i in range(n_prompts)]
     texts = [[text for _, text, *_ in samples] for samples in outputs]
     lengths = [[len(ids) for ids, *_ in samples] for samples in outputs]
-    metrics = {f"eval/{name}": v for name, v in evaluation_metrics(correct, texts, lengths, k).items()}
+    metrics = {f"{EVAL_PREFIX}{name}": v for name, v in evaluation_metrics(correct, texts, lengths, k).items()}
     metrics["eval/reward_errors"] = float(errors)
     metrics["time/eval_s"] = time.time() - t0
     samples = []

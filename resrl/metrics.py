@@ -12,6 +12,39 @@ from __future__ import annotations
 
 from typing import Sequence
 
+# The names of the held-out metrics, written here only: `eval/pass_at_<k>` and `eval/avg_at_<k>`.
+EVAL_PREFIX = "eval/"
+PASS_PREFIX, AVG_PREFIX = "pass_at_", "avg_at_"
+EVAL_K = EVAL_PREFIX + "k"  # the number of samples per prompt of that evaluation
+
+
+def pass_key(k: int) -> str:
+    return f"{EVAL_PREFIX}{PASS_PREFIX}{k}"
+
+
+def avg_key(k: int) -> str:
+    return f"{EVAL_PREFIX}{AVG_PREFIX}{k}"
+
+
+def is_pass_key(name: str) -> bool:
+    return name.startswith(EVAL_PREFIX + PASS_PREFIX)
+
+
+def is_avg_key(name: str) -> bool:
+    return name.startswith(EVAL_PREFIX + AVG_PREFIX)
+
+
+def k_of(name: str) -> int | None:
+    """k of a Pass@k / Avg@k name (`eval/pass_at_16` -> 16), None for any other name."""
+    tail = name.rsplit("_", 1)[-1]
+    return int(tail) if (is_pass_key(name) or is_avg_key(name)) and tail.isdigit() else None
+
+
+def pass_table(metrics: dict[str, float]) -> dict[int, float]:
+    """{k: Pass@k} of a metrics dict."""
+    return {k_of(name): v for name, v in metrics.items() if is_pass_key(name) and k_of(name) is not None}
+
+
 
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased estimate of P(at least one of k samples is correct) from n samples, c correct.
@@ -89,8 +122,8 @@ def sampler_agreement(trainer_logp, sampler_logp, mask) -> dict[str, float]:
 def evaluation_metrics(correct: Sequence[Sequence[bool]], texts: Sequence[Sequence[str]],
                        lengths: Sequence[Sequence[int]], k: int) -> dict[str, float]:
     """Held-out figures from k samples per prompt: whether each is correct, its text, its length in tokens."""
-    out = {f"avg_at_{k}": avg_at_k(correct), "k": float(k)}
-    out.update({f"pass_at_{j}": v for j, v in pass_at_k_table(correct, k).items()})
+    out = {f"{AVG_PREFIX}{k}": avg_at_k(correct), "k": float(k)}
+    out.update({f"{PASS_PREFIX}{j}": v for j, v in pass_at_k_table(correct, k).items()})
     out.update(diversity(texts))
     out["response_length"] = sum(n for prompt in lengths for n in prompt) / sum(len(prompt) for prompt in lengths)
     return out

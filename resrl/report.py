@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from resrl.metrics import is_avg_key, is_pass_key, k_of
+
 logger = logging.getLogger(__name__)
 
 
@@ -177,9 +179,9 @@ def _groups(frame: pd.DataFrame, keys: list[str]) -> list[tuple[tuple, pd.DataFr
 
 
 def _k_of(column: str) -> int:
-    """k of `eval/pass_at_<k>` / `eval/avg_at_<k>` (a column that does not end in a number sorts last)."""
-    tail = column.rsplit("_", 1)[-1]
-    return int(tail) if tail.isdigit() else 1 << 30
+    """k of a Pass@k / Avg@k column (a column that does not end in a number sorts last)."""
+    k = k_of(column)
+    return k if k is not None else 1 << 30
 
 
 def _finite(values) -> list[float]:
@@ -440,10 +442,10 @@ def write_report(runs: pd.DataFrame, out_dir: Path, *, sweep_id: str, group_keys
     group_keys = [k for k in group_keys if k in runs.columns]
     runs = _normalize(runs, group_keys, heatmap)
     done = runs[runs["status"] == "finished"]
-    metric_cols = [c for c in runs.columns if c.startswith(("eval/pass_at_", "eval/avg_at_"))]
-    metric_cols.sort(key=lambda c: (not c.startswith("eval/avg"), _k_of(c), c))
+    metric_cols = [c for c in runs.columns if is_pass_key(c) or is_avg_key(c)]
+    metric_cols.sort(key=lambda c: (not is_avg_key(c), _k_of(c), c))
     metric_cols += [c for c in SUMMARY_COLUMNS if c in runs.columns]
-    pass_cols = [c for c in metric_cols if c.startswith("eval/pass_at_")]
+    pass_cols = [c for c in metric_cols if is_pass_key(c)]
     files: dict[str, Path] = {}
     notes: list[str] = []
     failed_parts: dict[str, str] = {}
@@ -491,7 +493,7 @@ def write_report(runs: pd.DataFrame, out_dir: Path, *, sweep_id: str, group_keys
         elif not group_keys:
             notes.append("paired differences: the sweep varies nothing but the seed")
         else:
-            k_cols = [c for c in metric_cols if c.startswith("eval/avg_at_")][:1] + pass_cols[:1] + pass_cols[-1:] + \
+            k_cols = [c for c in metric_cols if is_avg_key(c)][:1] + pass_cols[:1] + pass_cols[-1:] + \
                 [c for c in metric_cols if c.startswith("train/")]
             paired = part("paired differences",
                           lambda: _paired_section(runs, group_keys, reference, list(dict.fromkeys(k_cols)), out_dir))

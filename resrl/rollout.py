@@ -12,16 +12,17 @@ trainer's weights are copied into it in place.
 """
 from __future__ import annotations
 
+import gc
 import logging
+import warnings
 from typing import Iterable
 
 import torch
+from omegaconf import OmegaConf
 
+from resrl.devices import resolve_device, resolve_dtype
 from resrl.environment import set_engine_defaults
-
-
-def on_cuda() -> bool:
-    return torch.cuda.is_available()
+from resrl.ranks import world
 
 
 # vLLM warnings that say nothing about a run; by logger, the exact message starts. (The
@@ -50,8 +51,6 @@ class _HarmlessWarnings(logging.Filter):
 def quiet_vllm() -> None:
     """Drop the harmless warnings above (before vLLM is imported: some come at import), and
     torch's reduce_op FutureWarning, which DeepSpeed triggers."""
-    import warnings
-
     for name, starts in HARMLESS_VLLM_WARNINGS.items():
         logger = logging.getLogger(name)
         if not any(isinstance(f, _HarmlessWarnings) for f in logger.filters):
@@ -75,10 +74,6 @@ def resolve_backend(backend: str, device: str) -> str:
 
 def make_rollout_engine(policy_dir: str, cfg, longest_prompt: int):
     """The run's sampler, as `rollout.backend` asks: the one place that chooses."""
-    from resrl.devices import resolve_device
-
-    from omegaconf import OmegaConf
-
     backend = OmegaConf.select(cfg, "rollout.backend", default="auto")  # a run logged before the key existed
     if resolve_backend(backend, resolve_device(cfg.trainer.device)) == "hf":
         return HFRolloutEngine.for_run(policy_dir, cfg, longest_prompt)
@@ -102,7 +97,7 @@ class RolloutEngine:
                       logprobs_mode="processed_logprobs")
         if executor is not None:  # "external_launcher": one engine per data-parallel rank, in the ranks' world
             kwargs["distributed_executor_backend"] = executor
-        if on_cuda():
+        if resolve_device("auto") == "cuda":  # vLLM runs where the trainer's `auto` would
             kwargs["gpu_memory_utilization"] = float(rollout_cfg.gpu_memory_utilization)
         else:
             # On the CPU gpu_memory_utilization is a fraction of host RAM; ask for an exact size.
@@ -118,11 +113,7 @@ class RolloutEngine:
     def for_run(cls, policy_dir: str, cfg, longest_prompt: int) -> "RolloutEngine":
         """The engine a run's config asks for: the trainer's dtype, room for the longest prompt
         plus the longer of the rollout and evaluation budgets."""
-        from resrl.devices import resolve_device, resolve_dtype
-
         dtype = str(resolve_dtype(cfg.model.dtype, resolve_device(cfg.trainer.device))).replace("torch.", "")
-        from resrl.parallel import world
-
         max_new = max(cfg.rollout.max_tokens, cfg.eval.max_tokens)
         executor = "external_launcher" if world()[1] > 1 else None
         return cls(policy_dir, cfg.rollout, dtype=dtype, max_model_len=longest_prompt + max_new, seed=cfg.seed,
@@ -166,8 +157,6 @@ class RolloutEngine:
 
     def close(self) -> None:
         """Stop the engine core and free its memory (KV cache, weights)."""
-        import gc
-
         engine = getattr(self.llm, "llm_engine", None)
         core = getattr(engine, "engine_core", None)
         if core is not None and hasattr(core, "shutdown"):
@@ -303,6 +292,5 @@ class HFRolloutEngine:
 
     def close(self) -> None:
         del self.model
-        import gc
 
         gc.collect()

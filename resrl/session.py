@@ -2,7 +2,9 @@
 
 Both are expensive to start, so a run keeps one of each for its whole length; the
 orchestration layer (Prefect tasks) passes only configs, paths and step numbers and
-looks the session up by run folder (`get_session`).
+looks the session up by run folder (`get_session`). With data-parallel ranks, rank 0's
+session sends each call to the other ranks (`resrl.ranks.lead`), whose `follow()` loop runs
+the same method on their own session, so the collectives of both sides meet.
 """
 from __future__ import annotations
 
@@ -14,11 +16,14 @@ import torch
 
 from resrl import seeds
 from resrl.batch import RolloutBatch
+from resrl.config import from_dict, to_dict
 from resrl.data import load_prepared
+from resrl.data_parallel import make_trainer
 from resrl.evaluation import evaluate, score_samples
 from resrl.metrics import rollout_metrics
-from resrl.parallel import group_share, lead, make_trainer, world
-from resrl.rewards import is_correct, load_reward_function, math_equiv
+from resrl.ranks import group_share, lead, receive, world
+from resrl.rewards import load_reward_function, math_equiv
+from resrl.rewards.shaping import shape_rewards
 from resrl.rollout import make_rollout_engine
 
 
@@ -31,8 +36,6 @@ def get_session(key: str) -> "TrainingSession | None":
 
 def open_session(key: str, cfg, prepared: dict, policy_dir: str, checkpoint_dir: str | None) -> "TrainingSession":
     if key not in _SESSIONS:
-        from resrl.config import to_dict
-
         # data-parallel ranks: the followers open the same session (rank 0 leads every call below)
         lead("open", config=to_dict(cfg), prepared=prepared, policy_dir=policy_dir, checkpoint_dir=checkpoint_dir)
         _SESSIONS[key] = TrainingSession(cfg, prepared, policy_dir, checkpoint_dir)
@@ -45,12 +48,22 @@ def close_session(key: str) -> None:
         session.close()
 
 
-def length_scale(length: int, start: int, max_len: int, end_scale: float) -> float:
-    """1 up to `start` tokens, then linearly down to `end_scale` at `max_len`."""
-    if length <= start or max_len <= start:
-        return 1.0
-    frac = min(1.0, (length - start) / (max_len - start))
-    return 1.0 - (1.0 - end_scale) * frac
+def follow() -> int:
+    """A follower rank's whole life: run rank 0's session commands until it closes."""
+    session = None
+    while True:
+        command, kwargs = receive()
+        if command == "exit":
+            return 0
+        if command == "open":
+            session = TrainingSession(from_dict(kwargs["config"]), kwargs["prepared"], kwargs["policy_dir"],
+                                      kwargs["checkpoint_dir"])
+        elif command == "close":
+            if session is not None:
+                session.close()
+            return 0
+        else:
+            getattr(session, command)(**kwargs)
 
 
 class TrainingSession:
@@ -126,12 +139,7 @@ class TrainingSession:
                 texts.append(text)
                 group_ids.append(g)
         scores_t = torch.tensor(scores)
-        rewards = scores_t.clone()
-        ls = cfg.reward.length_scale
-        if ls.enabled:
-            for i, ids in enumerate(response_ids):
-                if is_correct(scores[i]):
-                    rewards[i] *= length_scale(len(ids), ls.start_tokens, r.max_tokens, ls.end_scale)
+        rewards = shape_rewards(scores, [len(ids) for ids in response_ids], cfg.reward.length_scale, r.max_tokens)
         batch = RolloutBatch(prompt_ids, response_ids, rewards, scores_t, torch.tensor(group_ids), texts,
                              sampler_logp)
         metrics = {f"train/{k}": v for k, v in rollout_metrics(batch, r.n, r.max_tokens, self.stop_ids).items()}

@@ -34,7 +34,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from resrl.config import CONF_DIR, ConfigError, config_hash, load_config
+from resrl.config import CONF_DIR, config_hash, load_config
+from resrl.errors import ConfigError
+from resrl.metrics import pass_key
 
 PROJECT_DIR = CONF_DIR.parent
 
@@ -68,7 +70,7 @@ class ReportSettings:
     primary: list[dict]        # comparisons stated before running: [{config: {...}, metric: ...}], not corrected
 
 
-DEFAULT_HEADLINE = "eval/pass_at_1"
+DEFAULT_HEADLINE = pass_key(1)
 
 
 def report_settings(spec: dict) -> ReportSettings:

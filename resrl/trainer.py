@@ -16,7 +16,9 @@ One RL step, top to bottom (`PolicyTrainer.train_step`):
    the loss alone gives the positives (two extra backward passes, before the update).
 
 The engine's config is built in deepspeed_setup.py; checkpoints are read and written
-by checkpoint.py.
+by checkpoint.py. Data-parallel ranks (resrl/data_parallel.py) override the small hooks in
+"the ranks' hooks" below: which rows this process scores and trains, the padding passes
+that keep collectives in step, and the sums over the ranks.
 """
 from __future__ import annotations
 
@@ -30,8 +32,8 @@ from pathlib import Path
 import torch
 
 from resrl import checkpoint, displacement, seeds
-from resrl.algorithms import ResidualStats, get_algorithm, policy_loss, token_coefficients
-from resrl.algorithms.advantages import resrl_token_weights
+from resrl.schedule import diagnostics_due
+from resrl.algorithms import SUMMED_KEYS, ResidualStats, get_algorithm, policy_loss, summed_keys, token_coefficients
 from resrl.batch import RolloutBatch, pack
 from resrl.deepspeed_setup import deepspeed_config, init_distributed, warmup_schedule
 from resrl.devices import resolve_device, resolve_dtype
@@ -112,10 +114,6 @@ class TrainingDiverged(UserError):
     """A non-finite or diverged loss, gradient norm or weight: the step is not applied (or not saved)."""
 
 
-# the token sums policy_loss returns, summed over a step's micro-batches (kl_ref only with a reference model)
-_SUMMED = ("tokens", "pg_loss", "clip_frac", "approx_kl", "entropy")
-
-
 @dataclass
 class Scored:
     """What the no-grad pass yields for a batch (all (B, T), response-aligned)."""
@@ -128,6 +126,8 @@ class Scored:
 
 
 class PolicyTrainer:
+    rank, world_size = 0, 1  # one process; DataParallelTrainer sets its own
+
     def __init__(self, model_path: str, cfg, *, rollout_batch_size: int):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -167,11 +167,11 @@ class PolicyTrainer:
         if self.algorithm.skip_zero_advantage:  # PSR/NSR: only their own samples enter the update
             train_rows = (adv != 0).any(dim=1).nonzero().flatten()
         agg = self.algorithm.effective_loss_agg(cfg.loss.agg)
-        diagnose = step % cfg.algorithm.diagnostics_every == 0
+        diagnose = diagnostics_due(step, cfg)
         pushed = self.negative_interference(batch, train_rows, adv, agg) if diagnose else {}
         # 3. PPO: `epochs` passes over the kept rows, one optimizer step per mini-batch
         gen = torch.Generator().manual_seed(seeds.minibatch_order(cfg.seed, step))
-        losses, grad_norms, sums = [], [], Counter(dict.fromkeys(_SUMMED, 0.0))
+        losses, grad_norms, sums = [], [], Counter(dict.fromkeys(SUMMED_KEYS, 0.0))
         for _ in range(t.epochs if len(train_rows) else 0):
             perm = train_rows[torch.randperm(len(train_rows), generator=gen)]
             for rows in torch.tensor_split(perm, t.mini_batches):
@@ -212,11 +212,18 @@ class PolicyTrainer:
 
     @torch.no_grad()
     def score(self, batch: RolloutBatch, *, seed: int = 0) -> Scored:
-        """Old log-probs and the residual token weights for the whole batch, in chunks of whole groups.
+        """Old log-probs and the token weights for the whole batch (this process scores its
+        `_score_rows`, the ranks' parts are joined by `_join_scores`).
 
         The weights are computed for every algorithm when `algorithm.diagnostics` is on
-        (so GRPO runs log what ResRL would see) but only ResRL applies them.
+        (so GRPO runs log what ResRL would see) but only an algorithm with token weights applies them.
         """
+        own = self._score_rows(batch)
+        part = self._score_groups(batch.select(own.tolist()), seed) if len(own) else None
+        return self._join_scores(batch, own, part)
+
+    def _score_groups(self, batch: RolloutBatch, seed: int) -> Scored:
+        """The no-grad pass over `batch`, in chunks of whole prompt groups (the token weights are per group)."""
         B, T = len(batch), batch.response_mask().shape[1]
         logp = torch.zeros(B, T)
         entropy = torch.zeros(B, T)
@@ -224,7 +231,7 @@ class PolicyTrainer:
         ref = torch.zeros(B, T) if self.ref_model is not None else None
         stats = []
         correct = batch.correct
-        token_fn = self.algorithm.token_weights or (resrl_token_weights if self.cfg.algorithm.diagnostics else None)
+        token_fn = self.algorithm.weights_to_compute(self.cfg.algorithm.diagnostics)
         layer = self.cfg.algorithm.hidden_layer if token_fn else None
         with evaluating(self.engine):
             for rows in group_chunks(batch.group_ids, self.cfg.trainer.micro_batch_size):
@@ -249,21 +256,29 @@ class PolicyTrainer:
         return seq_adv[:, None] * scored.token_weights * batch.response_mask()
 
     def _optimizer_step(self, batch, rows, coef, scored, adv) -> tuple[float, float, Counter]:
-        """Accumulate gradients over the micro-batches of `rows`, then one optimizer step.
-        Returns the summed loss, the gradient norm and the micro-batches' token sums."""
-        micro = micro_batches(rows, self.cfg.trainer.micro_batch_size)
+        """Accumulate gradients over this process's micro-batches of `rows`, then one optimizer step.
+        Returns the summed loss, the gradient norm and the micro-batches' token sums (over all ranks)."""
+        micro = self._micro_batches(rows)
         total, norm, sums = 0.0, float("nan"), Counter()
         for k, mrows in enumerate(micro):
             last = k == len(micro) - 1
-            loss, part = self._micro_loss(batch, mrows, coef, scored, adv)
-            sums.update({key: float(value) for key, value in part.items()})
+            if len(mrows):
+                loss, part = self._micro_loss(batch, mrows, coef, scored, adv)
+                sums.update({key: float(value) for key, value in part.items()})
+            else:  # this rank has no rows left: a pass with no weight keeps the ranks' collectives in step
+                loss = self._idle_forward(batch)
             self.engine.set_gradient_accumulation_boundary(last)
-            self.engine.backward(loss, scale_wrt_gas=False)  # coefficients already normalize the mini-batch
+            # the coefficients already normalize the mini-batch; DeepSpeed averages over the ranks,
+            # the global loss is the sum of the ranks' losses
+            self.engine.backward(loss * self.world_size if self.world_size > 1 else loss, scale_wrt_gas=False)
             if last:
                 norm = self._grad_norm_before_step()
                 self._refuse_gradient(norm)  # a non-finite or too large gradient never reaches the weights
             self.engine.step()
             total += float(loss.detach())
+        keys = summed_keys(kl=scored.ref_logp is not None and bool(self.cfg.loss.kl_coef),
+                           correction=self.cfg.loss.rollout_correction.mode != "none" and batch.sampler_logp is not None)
+        total, sums = self._sum_over_ranks(total, Counter({key: sums.get(key, 0.0) for key in keys}))
         return total, self._grad_norm_after(norm), sums
 
     def _micro_loss(self, batch, mrows, coef, scored, adv):
@@ -290,10 +305,13 @@ class PolicyTrainer:
         """(B, T) log-probs of the positive responses' tokens under the current weights (0 elsewhere)."""
         out = torch.zeros(batch.response_mask().shape)
         with evaluating(self.engine):
-            for rows in micro_batches(batch.correct.nonzero().flatten(), self.cfg.trainer.micro_batch_size):
+            for rows in self._micro_batches(batch.correct.nonzero().flatten()):
+                if not len(rows):
+                    self._idle_scoring_pass(batch)
+                    continue
                 logp, _, _, _ = self._forward(self.engine, batch, rows)
                 out[rows, :logp.shape[1]] = logp.float().cpu()
-        return out
+        return self._add_over_ranks(out)
 
     def negative_interference(self, batch: RolloutBatch, rows: torch.Tensor, adv: torch.Tensor,
                               agg: str) -> dict[str, float]:
@@ -303,7 +321,7 @@ class PolicyTrainer:
         is that of their mean sequence log-prob. Plain autograd on the module: no optimizer state or
         gradient buffer is touched. Skipped (empty) under ZeRO-3 and with several ranks, where
         parameters or gradients are partitioned."""
-        if self.zero_stage == 3 or getattr(self, "world_size", 1) > 1:
+        if self.zero_stage == 3 or self.world_size > 1:
             return {}
         mask = batch.response_mask()
         neg_rows = rows[(adv[rows] < 0).any(dim=1)]
@@ -330,6 +348,38 @@ class PolicyTrainer:
             neg_grad = grad_of(neg_rows, -neg_coef)  # the gradient of the loss -sum(coef * adv * log pi)
             pos_grad = grad_of(pos_rows, mask.float() / len(pos_rows))
         return displacement.interference(neg_grad, pos_grad)
+
+    # ------------------------------------------------------------------ the ranks' hooks (one process: trivial)
+    def _score_rows(self, batch: RolloutBatch) -> torch.Tensor:
+        """The rows this process scores: all of them."""
+        return torch.arange(len(batch))
+
+    def _join_scores(self, batch: RolloutBatch, rows: torch.Tensor, part: Scored | None) -> Scored:
+        """The whole batch's scores from this process's part: the part itself."""
+        return part
+
+    def _micro_batches(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        """This process's micro-batches of `rows`; an empty one is a padding pass."""
+        return micro_batches(rows, self.cfg.trainer.micro_batch_size)
+
+    def _idle_forward(self, batch: RolloutBatch) -> torch.Tensor:
+        """A pass over one row with no weight in the loss (keeps the ranks' per-pass collectives in step)."""
+        logp, _, _, _ = self._forward(self.engine, batch, torch.tensor([0]))
+        return logp.sum() * 0.0
+
+    def _idle_scoring_pass(self, batch: RolloutBatch) -> None:
+        """A no-grad padding pass where the ranks' parameters are gathered per pass (ZeRO-3)."""
+        if self.zero_stage == 3:
+            self._idle_forward(batch)
+
+    def _sum_over_ranks(self, total: float, sums: Counter) -> tuple[float, Counter]:
+        return total, sums
+
+    def _add_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
+        return values
+
+    def _sync(self) -> None:
+        """After a collective write (checkpoints): nothing to wait for on one process."""
 
     # ------------------------------------------------------------------ forward pass and gradient norm
     def _forward(self, model, batch: RolloutBatch, rows: torch.Tensor, *, hidden_layer=None):
@@ -428,7 +478,12 @@ class PolicyTrainer:
         return [(k, v.detach()) for k, v in module.state_dict().items()]
 
     def save_checkpoint(self, ckpt_dir: Path, step: int) -> None:
-        checkpoint.save(ckpt_dir, step, self.engine, dict(self.named_weights()), self.tokenizer)
+        """With several ranks every rank takes part (gathering ZeRO-3 weights and writing ZeRO's shards
+        are collective) and rank 0 writes what is replicated (several machines need a shared file
+        system for the run folder)."""
+        checkpoint.save(ckpt_dir, step, self.engine, dict(self.named_weights()), self.tokenizer,
+                        leader=self.rank == 0)
+        self._sync()
 
     def load_checkpoint(self, ckpt_dir: Path) -> int:
         """Restore the optimizer state and the LR schedule's position; returns the RL step saved."""

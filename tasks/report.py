@@ -14,7 +14,8 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from resrl.config import ConfigError
+from resrl.errors import ConfigError
+from resrl.metrics import EVAL_K, EVAL_PREFIX, is_avg_key, is_pass_key, k_of, pass_key
 from resrl.report import curve_area, write_report
 from resrl.sweep import report_settings
 from tasks import tracking
@@ -49,16 +50,16 @@ def final_eval_metrics(metrics: dict[str, float]) -> dict[str, float]:
 
     MLflow keeps each key's latest value; when the last evaluation draws more samples
     (`eval.final_k`) the earlier, smaller `eval/avg_at_k` would otherwise linger."""
-    k_final = int(metrics.get("eval/k", 0))
+    k_final = int(metrics.get(EVAL_K, 0))
     out = {}
     for key, value in metrics.items():
-        if key.startswith("eval/avg_at_"):
-            if not k_final or int(key.rsplit("_", 1)[1]) == k_final:
+        if is_avg_key(key):
+            if not k_final or k_of(key) == k_final:
                 out[key] = value
-        elif key.startswith("eval/pass_at_"):
-            if not k_final or int(key.rsplit("_", 1)[1]) <= k_final:
+        elif is_pass_key(key):
+            if not k_final or k_of(key) <= k_final:
                 out[key] = value
-        elif key.startswith("eval/") and key != "eval/k":
+        elif key.startswith(EVAL_PREFIX) and key != EVAL_K:
             out[key] = value
     return out
 
@@ -82,7 +83,7 @@ def sweep_runs(cfg, sweep_id: str) -> tuple[str, pd.DataFrame, dict, list[str]]:
             try:
                 run = client.get_run(p["mlflow_run_id"])
                 histories = {metric: {m.step: m.value for m in client.get_metric_history(p["mlflow_run_id"], metric)}
-                             for metric in ("train/lld", "train/disp/seq_logp_change", "eval/pass_at_1")}
+                             for metric in ("train/lld", "train/disp/seq_logp_change", pass_key(1))}
             except Exception as exc:  # noqa: BLE001 - a deleted run is one point without data, not a lost report
                 row["status"] = f"{p['status']} (MLflow run unreadable: {type(exc).__name__})"
                 rows.append(row)
@@ -95,7 +96,7 @@ def sweep_runs(cfg, sweep_id: str) -> tuple[str, pd.DataFrame, dict, list[str]]:
                 row[column] = dict(sorted(history.items()))
                 finite = [v for v in history.values() if v == v]
                 row[mean_key] = sum(finite) / len(finite) if finite else float("nan")
-            row["curve/pass_at_1_area"] = curve_area(histories["eval/pass_at_1"])
+            row["curve/pass_at_1_area"] = curve_area(histories[pass_key(1)])
         rows.append(row)
     swept = list(dict.fromkeys(k for p in points for k in p["values"]))
     return parent, pd.DataFrame(rows), spec, swept

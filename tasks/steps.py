@@ -7,6 +7,7 @@ live in the run's `TrainingSession`, looked up by run folder.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from prefect import task
@@ -14,8 +15,10 @@ from prefect.cache_policies import NO_CACHE
 
 from resrl.config import from_dict, run_dir
 from resrl.errors import reports_unwritable
+from resrl.metrics import pass_table
 from resrl.checkpoint import checkpoint_dir, policy_dir
 from resrl.run_state import RunState, eval_dir, rollout_path
+from resrl.schedule import checkpoint_due
 
 
 def _session(config: dict, prepared: dict) -> tuple[object, dict[str, float]]:
@@ -23,8 +26,6 @@ def _session(config: dict, prepared: dict) -> tuple[object, dict[str, float]]:
 
     Returns it with {"time/engine_start_s": seconds} when this call started the engines.
     """
-    import time
-
     from resrl.session import get_session, open_session
 
     cfg = from_dict(config)
@@ -92,7 +93,7 @@ def update_policy(config: dict, prepared: dict, rollouts: str, step: int) -> dic
     session, _ = _session(config, prepared)
     metrics = session.update(step, RolloutBatch.load(Path(rollouts)))
     saved = None
-    if step % cfg.run.checkpoint_every == 0 or step == cfg.trainer.steps:
+    if checkpoint_due(step, cfg):
         rdir = run_dir(cfg)
         saved = checkpoint_dir(rdir, step)
         session.save_checkpoint(saved, step)
@@ -113,7 +114,7 @@ def evaluate_policy(config: dict, prepared: dict, step: int, final: bool = False
     out.mkdir(parents=True, exist_ok=True)
     samples_file, plot_file = out / "samples.json", out / "pass_at_k.png"
     samples_file.write_text(json.dumps(samples, indent=1))
-    table = {int(name.rsplit("_", 1)[1]): v for name, v in metrics.items() if name.startswith("eval/pass_at_")}
+    table = pass_table(metrics)
     plot_pass_at_k({f"step {step}": table}, plot_file, title=f"Pass@k, step {step}")
     return {"metrics": metrics, "dir": str(out), "samples_file": str(samples_file), "plot_file": str(plot_file)}
 

@@ -5,7 +5,18 @@ run"), so several runs can log from one process without stepping on each other.
 """
 from __future__ import annotations
 
+import fcntl
+import http.client
+import importlib.metadata
+import json
+import logging
+import math
 import os
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -79,10 +90,6 @@ def check_writable_folders(cfg) -> None:
 
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     """Raise TrackingUnreachable unless something answers HTTP at `uri`."""
-    import http.client
-    import urllib.error
-    import urllib.request
-
     try:
         urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s).close()
     except urllib.error.HTTPError:
@@ -97,8 +104,6 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
 @contextmanager
 def file_lock(path: Path):
     """An exclusive flock on `path`, waited for; the OS drops it if the holder dies."""
-    import fcntl
-
     with open(path, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         yield
@@ -168,9 +173,6 @@ def log_metrics(cfg, run_id: str, metrics: dict[str, float], step: int, synchron
     NaN or infinite is logged as `<key>_nonfinite` = 1 at that step instead, which the UI shows.
     With synchronous=False the call returns at once and MLflow's background queue stores them;
     `flush()` waits until they are stored (and raises if they could not be)."""
-    import math
-    import time
-
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
@@ -314,8 +316,6 @@ def fail_run(cfg, run_id: str, exc: BaseException) -> str:
 
 def log_eval_files(cfg, run_id: str, samples_file: Path, plot_file: Path, artifact_dir: str) -> None:
     """An evaluation's sample rows (as a table the UI shows) and its Pass@k plot."""
-    import json
-
     import pandas as pd
 
     client = client_for(cfg)
@@ -346,10 +346,6 @@ def log_policy_model(cfg, run_id: str, policy_dir: Path, step: int | None = None
     without network access, and can be registered. Built with MlflowClient calls for this run id
     (`mlflow.pyfunc.log_model` logs to the process's active run and default store). Returns its id;
     the run is tagged `resrl.model_id`."""
-    import importlib.metadata
-    import tempfile
-    import warnings
-
     import mlflow.pyfunc
     from mlflow.entities import LoggedModelOutput
     from mlflow.models import ModelSignature
@@ -425,8 +421,6 @@ def start_system_metrics(cfg, run_id: str):
     seconds (default 10) and logs them as `system/*`, continuing the run's earlier steps on a resume.
     It is the monitor `mlflow.start_run(log_system_metrics=True)` starts, here for an explicit run
     id. Returns it (stop it with `stop_system_metrics`), or None when off."""
-    import logging
-
     from omegaconf import OmegaConf
 
     if not OmegaConf.select(cfg, "run.system_metrics", default=False):
@@ -449,8 +443,6 @@ def log_datasets(cfg, run_id: str, dataset_dir: str | Path) -> None:
     """The prepared train and test splits as the run's MLflow dataset inputs (context `train` /
     `test`): name `<data.source>-<cache key>`, a digest of the rows, the schema, the row count, and
     the prepared folder as the source."""
-    import warnings
-
     import mlflow.data
     from mlflow.entities import DatasetInput, InputTag
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
@@ -484,8 +476,6 @@ def find_run_by_name(cfg, name: str):
 
 def logged_config(cfg, run_id: str):
     """The resolved config a training run logged as config.yaml."""
-    import tempfile
-
     from omegaconf import OmegaConf
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -493,6 +483,5 @@ def logged_config(cfg, run_id: str):
 
 
 def log_json(cfg, run_id: str, data, artifact_file: str) -> None:
-    import json
 
     client_for(cfg).log_text(run_id, json.dumps(data, indent=1), artifact_file)

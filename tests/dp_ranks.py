@@ -1,4 +1,4 @@
-"""One rank of the data-parallel tests (tests/test_parallel.py), started by torchrun.
+"""One rank of the data-parallel tests (tests/test_ranks.py), started by torchrun.
 
     torchrun --nproc_per_node=W tests/dp_ranks.py update MODEL_DIR OUT_DIR ZERO [key=value ...]
         one RL update (2 PPO mini-batches) of the real trainer on a fixed batch; rank 0 writes
@@ -46,19 +46,20 @@ def make_batch(groups: int, seed=0, vocab=250):
 def update(model_dir: str, out: Path, zero: int, overrides: list[str]) -> None:
     import torch.distributed as dist
 
-    from resrl import parallel
+    from resrl import ranks
     from resrl.config import load_config
+    from resrl.data_parallel import make_trainer
     from resrl.rollout import RolloutEngine
 
-    rank, size = parallel.world()
+    rank, size = ranks.world()
     cfg = load_config(None, ["rollout.prompts_per_step=6", f"rollout.n={N}", "trainer.device=cpu",
                              "trainer.lr=1e-3", "trainer.warmup_steps=1", "algorithm.rank=3",
                              "trainer.mini_batches=2", "trainer.micro_batch_size=4", f"trainer.zero_stage={zero}",
                              f"trainer.num_processes={size}", "rollout.kv_cache_gb=0.05", *overrides])
     groups = cfg.rollout.prompts_per_step
-    parallel.start("cpu")
+    ranks.start("cpu")
     engine = RolloutEngine.for_run(model_dir, cfg, longest_prompt=16)
-    trainer = parallel.make_trainer(model_dir, cfg, rollout_batch_size=groups * N)
+    trainer = make_trainer(model_dir, cfg, rollout_batch_size=groups * N)
     batch = make_batch(groups)
     metrics = trainer.train_step(batch, step=1)
     weights = trainer.named_weights()  # every rank (a collective under ZeRO-3)
@@ -84,11 +85,11 @@ def update(model_dir: str, out: Path, zero: int, overrides: list[str]) -> None:
 
 
 def session(config_json: str, prepared_json: str, out: Path) -> None:
-    from resrl import parallel
+    from resrl import ranks
     from resrl.config import from_dict
-    from resrl.session import close_session, open_session
+    from resrl.session import close_session, follow, open_session
 
-    rank, size = parallel.world()
+    rank, size = ranks.world()
     from resrl.rollout import HFRolloutEngine, RolloutEngine
 
     asked = []
@@ -102,9 +103,9 @@ def session(config_json: str, prepared_json: str, out: Path) -> None:
         return record
     for cls in (RolloutEngine, HFRolloutEngine):  # whichever rollout.backend the config picks
         cls.generate = recording(cls.generate)
-    parallel.start("cpu")
+    ranks.start("cpu")
     if rank > 0:
-        parallel.follow()
+        follow()
         return
     cfg = from_dict(json.loads(Path(config_json).read_text()))
     prepared = json.loads(Path(prepared_json).read_text())
@@ -116,7 +117,7 @@ def session(config_json: str, prepared_json: str, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "session.json").write_text(json.dumps({
         "prompt_indices": idx,
-        "shares": [list(parallel.group_share(len(idx), r, size)) for r in range(size)],
+        "shares": [list(ranks.group_share(len(idx), r, size)) for r in range(size)],
         "batch_prompts": [p for p in batch.prompt_ids],
         "batch_group_ids": batch.group_ids.tolist(),
         "responses": batch.response_ids,

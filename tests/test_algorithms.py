@@ -117,10 +117,23 @@ def test_kl_estimators_by_hand():
 
 
 def test_length_scale_by_hand():
-    from resrl.session import length_scale
+    from resrl.rewards.shaping import length_scale
 
     assert length_scale(10, 32, 48, 0.7) == 1.0
     assert length_scale(32, 32, 48, 0.7) == 1.0
     assert length_scale(40, 32, 48, 0.7) == pytest.approx(0.85)
     assert length_scale(48, 32, 48, 0.7) == pytest.approx(0.7)
     assert length_scale(60, 32, 48, 0.7) == pytest.approx(0.7)
+
+
+def test_shape_rewards_scales_only_correct_responses_and_only_when_enabled():
+    from types import SimpleNamespace
+
+    from resrl.rewards.shaping import shape_rewards
+
+    scores, lengths = [1.0, 0.0, 1.0, 0.3], [40, 48, 10, 48]
+    on = SimpleNamespace(enabled=True, start_tokens=32, end_scale=0.7)
+    got = shape_rewards(scores, lengths, on, max_tokens=48)
+    assert got.tolist() == pytest.approx([0.85, 0.0, 1.0, 0.3])  # incorrect ones (< 0.5) keep their score
+    off = SimpleNamespace(enabled=False, start_tokens=32, end_scale=0.7)
+    assert shape_rewards(scores, lengths, off, max_tokens=48).tolist() == pytest.approx(scores)

@@ -84,6 +84,35 @@ def test_hash_ignores_bookkeeping_keys_but_not_algorithm():
     assert run_name(other).startswith("resrl-") and run_name(other) != run_name(base)
 
 
+def test_the_defaults_file_declares_hash_tags_read_from_its_comments():
+    from resrl.config import key_tags
+
+    tags = key_tags()
+    assert not tags["run.output_dir"].hashed and not tags["trainer.max_abs_weight_accepted"].hashed
+    assert tags["eval.final_k"].type is int and tags["eval.final_k"].hashed
+    assert "algorithm.rank" not in tags  # untagged: hashed, typed by its default
+
+
+@pytest.mark.parametrize("tag, same", [("@absent=0.5", True), ("@absent=0.0", False), ("", False)])
+def test_a_key_added_with_its_absent_value_finds_the_old_run(tag, same, tmp_path, monkeypatch):
+    """A new key tagged @absent=VALUE leaves every existing run's hash (and so its run folder) as it
+    was while it has that value; set to another value, or added untagged, it makes a new run."""
+    import resrl.config as config
+
+    before = load_config(None, ["algorithm.rank=4"])
+    text = config.DEFAULT_CONFIG.read_text().replace(
+        "  rank: 8 ", f"  new_strength: 0.5     # {tag}  a key added after runs were made\n  rank: 8 ", 1)
+    assert "new_strength" in text
+    defaults = tmp_path / "default.yaml"
+    defaults.write_text(text)
+    monkeypatch.setattr(config, "DEFAULT_CONFIG", defaults)
+    after = load_config(None, ["algorithm.rank=4"])
+    assert after.algorithm.new_strength == 0.5
+    assert (config_hash(after) == config_hash(before)) is same
+    assert (config.run_dir(after) == config.run_dir(before)) is same
+    assert config_hash(load_config(None, ["algorithm.rank=4", "algorithm.new_strength=0.7"])) != config_hash(before)
+
+
 def test_cli_reports_config_error_before_loading_anything(capsys):
     from resrl.cli import main
 

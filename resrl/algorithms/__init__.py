@@ -7,6 +7,8 @@ from resrl.algorithms.residual import ResidualStats, residual_token_weights
 from resrl.algorithms.losses import (
     LOSS_AGGREGATIONS,
     ROLLOUT_CORRECTIONS,
+    SUMMED_KEYS,
+    summed_keys,
     clipped_token_loss,
     kl_estimate,
     policy_loss,
@@ -19,5 +21,5 @@ __all__ = [
     "ALGORITHMS", "Algorithm", "get_algorithm", "register_algorithm",
     "ResidualStats", "residual_token_weights",
     "LOSS_AGGREGATIONS", "ROLLOUT_CORRECTIONS", "clipped_token_loss", "kl_estimate", "policy_loss",
-    "rollout_correction_weights", "token_coefficients",
+    "rollout_correction_weights", "token_coefficients", "SUMMED_KEYS", "summed_keys",
 ]

@@ -70,7 +70,7 @@ def resrl_token_weights(hidden_states, response_mask, correct, group_ids, params
     )
 
 
-@register_algorithm("resrl", needs_groups=True, token_weights=resrl_token_weights)
+@register_algorithm("resrl", needs_groups=True, token_weights=resrl_token_weights, diagnostic_weights=True)
 def resrl_advantages(rewards, correct, group_ids, params):
     """ResRL: GRPO advantages, positives x pos_weight, negatives x residual token weights."""
     adv = grpo_advantages(rewards, correct, group_ids, params)

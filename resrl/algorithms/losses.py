@@ -12,6 +12,17 @@ import torch
 LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 ROLLOUT_CORRECTIONS = ("none", "token_tis", "seq_tis", "token_mis", "seq_mis")
 
+# The token sums `policy_loss` returns; the trainer adds them over a step's micro-batches (and ranks)
+# and divides by "tokens". kl_ref comes only with a reference model, rollout_corr/* only with a correction.
+SUMMED_KEYS = ("tokens", "pg_loss", "clip_frac", "approx_kl", "entropy")
+KL_SUMMED_KEYS = ("kl_ref",)
+CORRECTION_SUMMED_KEYS = ("rollout_corr/weight_mean", "rollout_corr/changed_frac")
+
+
+def summed_keys(*, kl: bool, correction: bool) -> tuple[str, ...]:
+    """The keys of `policy_loss`'s sums for a run with (or without) the KL term and a rollout correction."""
+    return SUMMED_KEYS + (KL_SUMMED_KEYS if kl else ()) + (CORRECTION_SUMMED_KEYS if correction else ())
+
 
 def token_coefficients(mask: torch.Tensor, agg: str, max_len: int | None = None) -> torch.Tensor:
     """(B, T) weights c with `loss = sum(c * token_loss)` for aggregation mode `agg`.
@@ -142,8 +153,7 @@ def policy_loss(
         weights, changed = rollout_correction_weights(old_logp, sampler_logp, mask, mode=rollout_correction,
                                                       cap=correction_cap, low=correction_low)
         pg = pg * weights
-        correction_sums = {"rollout_corr/weight_mean": (weights * m).sum(),
-                           "rollout_corr/changed_frac": (changed.float() * m).sum()}
+        correction_sums = dict(zip(CORRECTION_SUMMED_KEYS, ((weights * m).sum(), (changed.float() * m).sum())))
     loss = (pg * coef).sum()
     with torch.no_grad():
         log_ratio = (logp - old_logp).detach()
@@ -161,5 +171,5 @@ def policy_loss(
     if ref_logp is not None and kl_coef:
         kl = kl_estimate(logp, ref_logp, kl_type)
         loss = loss + kl_coef * (kl * coef).sum()
-        sums["kl_ref"] = (kl.detach() * m).sum()
+        sums[KL_SUMMED_KEYS[0]] = (kl.detach() * m).sum()
     return loss, sums

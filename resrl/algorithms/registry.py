@@ -37,16 +37,32 @@ class Algorithm:
     def effective_loss_agg(self, configured: str) -> str:
         return self.loss_agg or configured
 
+    def weights_to_compute(self, diagnostics: bool) -> Optional[TokenWeightFn]:
+        """The token weights the trainer computes in its no-grad pass: this algorithm's own (applied),
+        else - with `algorithm.diagnostics` on - the registry's diagnostic weights (logged only, so a
+        baseline's run shows what ResRL would see)."""
+        return self.token_weights or (DIAGNOSTIC_TOKEN_WEIGHTS.get("fn") if diagnostics else None)
+
 
 ALGORITHMS: dict[str, Algorithm] = {}
+# the token weights logged for every algorithm (set by the algorithm registered with diagnostic_weights=True)
+DIAGNOSTIC_TOKEN_WEIGHTS: dict[str, TokenWeightFn] = {}
 
 
 def register_algorithm(name: str, *, needs_groups: bool, token_weights: Optional[TokenWeightFn] = None,
-                       loss_agg: Optional[str] = None, skip_zero_advantage: bool = False):
-    """Decorator: register an advantage function under `name`."""
+                       loss_agg: Optional[str] = None, skip_zero_advantage: bool = False,
+                       diagnostic_weights: bool = False):
+    """Decorator: register an advantage function under `name`. With `diagnostic_weights`, its
+    `token_weights` are also computed (not applied) for every other algorithm when
+    `algorithm.diagnostics` is on."""
     def wrap(fn: AdvantageFn) -> AdvantageFn:
         if name in ALGORITHMS:
             raise ValueError(f"algorithm {name!r} is already registered")
+        if diagnostic_weights:
+            if token_weights is None or DIAGNOSTIC_TOKEN_WEIGHTS:
+                raise ValueError(f"algorithm {name!r}: diagnostic_weights needs token_weights and only one "
+                                 "algorithm may set it")
+            DIAGNOSTIC_TOKEN_WEIGHTS["fn"] = token_weights
         ALGORITHMS[name] = Algorithm(name, fn, needs_groups, token_weights, loss_agg, skip_zero_advantage)
         return fn
     return wrap

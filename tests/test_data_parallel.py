@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from resrl import parallel
+from resrl import ranks
 from resrl.config import ConfigError, load_config, to_dict
 from resrl.environment import free_port
 
@@ -36,7 +36,7 @@ def torchrun(nproc: int, *args: str, timeout: int = 600) -> subprocess.Completed
 def test_group_shares_are_disjoint_contiguous_and_cover_every_group_once():
     for groups in range(1, 11):
         for size in range(1, groups + 1):
-            shares = [parallel.group_share(groups, r, size) for r in range(size)]
+            shares = [ranks.group_share(groups, r, size) for r in range(size)]
             flat = [g for s in shares for g in s]
             assert flat == list(range(groups))  # each group once, in prompt order
             assert all(len(s) >= 1 for s in shares)
@@ -59,14 +59,14 @@ def test_launcher_world_must_match_the_config(monkeypatch):
     cfg = load_config(None, ["trainer.num_processes=2"])
     for key in ("RANK", "WORLD_SIZE"):
         monkeypatch.delenv(key, raising=False)
-    with pytest.raises(parallel.LaunchError, match="needs a launcher"):
-        parallel.check_launch(cfg)
+    with pytest.raises(ranks.LaunchError, match="needs a launcher"):
+        ranks.check_launch(cfg)
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "3")
-    with pytest.raises(parallel.LaunchError, match="launcher started 3 process"):
-        parallel.check_launch(cfg)
+    with pytest.raises(ranks.LaunchError, match="launcher started 3 process"):
+        ranks.check_launch(cfg)
     monkeypatch.setenv("WORLD_SIZE", "2")
-    parallel.check_launch(cfg)
+    ranks.check_launch(cfg)
 
 
 # ------------------------------------------------------------------ two ranks
