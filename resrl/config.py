@@ -245,6 +245,12 @@ def model_max_positions(cfg: DictConfig) -> int | None:
     return value if isinstance(value, int) else None
 
 
+def _either(values) -> str:
+    """("a", "b", "c") -> "a, b or c" (a rule's allowed values, as the messages spell them)."""
+    values = list(values)
+    return values[0] if len(values) == 1 else f"{', '.join(values[:-1])} or {values[-1]}"
+
+
 def _check(ok: bool, key: str, rule: str, value: Any) -> None:
     """ConfigError naming the key, the rule it breaks and the value it has."""
     if not ok:
@@ -254,8 +260,9 @@ def _check(ok: bool, key: str, rule: str, value: Any) -> None:
 def validate(cfg: DictConfig) -> None:
     """Check values; raises ConfigError naming the key and showing its value. Loads no model."""
     from resrl import synthetic  # local: keeps import light
-    from resrl.algorithms import ALGORITHMS, LOSS_AGGREGATIONS, ROLLOUT_CORRECTIONS
-    from resrl.data import DATA_SOURCES
+    from resrl.algorithms import ALGORITHMS, KL_TYPES, LOSS_AGGREGATIONS, ROLLOUT_CORRECTIONS, SVD_METHODS
+    from resrl.data import DATA_SOURCES, OVERLONG_PROMPTS
+    from resrl.devices import DEVICES, DTYPES, check_dtype, resolve_device
 
     check_run_name(cfg.run.name)  # first: where the run's files go
     a, r, t, e, loss = cfg.algorithm, cfg.rollout, cfg.trainer, cfg.eval, cfg.loss
@@ -267,7 +274,7 @@ def validate(cfg: DictConfig) -> None:
     _check(a.pos_weight >= 0.0, "algorithm.pos_weight", ">= 0", a.pos_weight)
     _check(a.wr_lambda >= 0.0, "algorithm.wr_lambda", ">= 0", a.wr_lambda)
     _check(a.max_pos_tokens >= 2, "algorithm.max_pos_tokens", ">= 2", a.max_pos_tokens)
-    _check(a.svd in ("randomized", "exact"), "algorithm.svd", "randomized or exact", a.svd)
+    _check(a.svd in SVD_METHODS, "algorithm.svd", _either(SVD_METHODS), a.svd)
     _check(a.oversample >= 0, "algorithm.oversample", ">= 0", a.oversample)
     _check(a.power_iters >= 0, "algorithm.power_iters", ">= 0", a.power_iters)
     _check(a.hidden_layer != 0, "algorithm.hidden_layer", "-1, -2, ... or a layer >= 1 (0 is the embedding output)",
@@ -293,7 +300,7 @@ def validate(cfg: DictConfig) -> None:
     _check(loss.clip_high >= 0, "loss.clip_high", ">= 0", loss.clip_high)
     _check(loss.dual_clip is None or (isinstance(loss.dual_clip, (int, float)) and loss.dual_clip > 1.0),
            "loss.dual_clip", "> 1 or null", loss.dual_clip)
-    _check(loss.kl_type in ("k1", "k2", "k3"), "loss.kl_type", "k1, k2 or k3", loss.kl_type)
+    _check(loss.kl_type in KL_TYPES, "loss.kl_type", _either(KL_TYPES), loss.kl_type)
     _check(loss.kl_coef >= 0, "loss.kl_coef", ">= 0", loss.kl_coef)
     rc = loss.rollout_correction
     _check(rc.mode in ROLLOUT_CORRECTIONS, "loss.rollout_correction.mode", f"one of {', '.join(ROLLOUT_CORRECTIONS)}",
@@ -315,18 +322,18 @@ def validate(cfg: DictConfig) -> None:
              f"rollout.prompts_per_step * rollout.n ({batch}) must be divisible by trainer.mini_batches "
              f"({t.mini_batches}).")
     _check(t.zero_stage in (0, 1, 2, 3), "trainer.zero_stage", "0, 1, 2 or 3", t.zero_stage)
-    _check(t.device in ("auto", "cpu", "cuda"), "trainer.device", "auto, cpu or cuda", t.device)
+    _check(t.device in DEVICES, "trainer.device", _either(DEVICES), t.device)
     _check(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "trainer.betas", "two numbers in [0, 1)",
            list(t.betas))
     _check(e.k >= 1, "eval.k", ">= 1", e.k)
     _check(e.final_k is None or e.final_k >= 1, "eval.final_k", ">= 1 or null", e.final_k)
     _check(e.every >= 1, "eval.every", ">= 1", e.every)
     _check(e.num_prompts is None or e.num_prompts >= 1, "eval.num_prompts", ">= 1 or null", e.num_prompts)
-    _check(cfg.model.dtype in ("auto", "float32", "bfloat16", "float16"), "model.dtype",
-           "auto, float32, bfloat16 or float16", cfg.model.dtype)
+    _check(cfg.model.dtype in DTYPES, "model.dtype", _either(DTYPES), cfg.model.dtype)
     d, s = cfg.data, cfg.data.synthetic
     _check(d.source in DATA_SOURCES, "data.source", f"one of {', '.join(DATA_SOURCES)}", d.source)
-    _check(d.overlong_prompts in ("drop", "truncate"), "data.overlong_prompts", "drop or truncate", d.overlong_prompts)
+    _check(d.overlong_prompts in OVERLONG_PROMPTS, "data.overlong_prompts", _either(OVERLONG_PROMPTS),
+           d.overlong_prompts)
     _check(0 <= d.max_bad_fraction <= 1, "data.max_bad_fraction", "in [0, 1]", d.max_bad_fraction)
     _require(2 <= s.min_terms <= s.max_terms,
              f"data.synthetic needs 2 <= min_terms <= max_terms, got {s.min_terms}/{s.max_terms}.")
@@ -363,8 +370,6 @@ def validate(cfg: DictConfig) -> None:
         _check(w.lr > 0, "warmstart.lr", "> 0", w.lr)
     _check(cfg.run.checkpoint_every >= 1, "run.checkpoint_every", ">= 1", cfg.run.checkpoint_every)
     _check(cfg.run.keep_checkpoints >= 1, "run.keep_checkpoints", ">= 1", cfg.run.keep_checkpoints)
-    from resrl.devices import check_dtype, resolve_device
-
     check_dtype(cfg.model.dtype, resolve_device(cfg.trainer.device))  # also: trainer.device=cuda without CUDA
     n = t.num_processes  # data-parallel ranks sample whole prompt groups
     _require(isinstance(n, int) and n >= 1, f"trainer.num_processes must be an integer >= 1, got {n}.")

@@ -255,6 +255,7 @@ ADAPTERS = {
                                 "`extra_info`, optional `uid`."),
 }
 DATA_SOURCES = ("synthetic", *ADAPTERS)  # the generated task, then the adapters for files
+OVERLONG_PROMPTS = ("drop", "truncate")  # what data preparation does with a prompt over data.max_prompt_tokens
 
 
 def adapt_split(rows: list[dict], source: str, split: str, summary: PrepSummary, max_bad: float) -> list[dict]:

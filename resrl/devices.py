@@ -6,6 +6,10 @@ import torch
 from resrl.errors import ConfigError
 
 
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
 def resolve_device(name: str) -> str:
     """`trainer.device`: auto -> cuda when visible, else cpu."""
     if name == "auto":

@@ -11,6 +11,7 @@ import torch
 
 LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 ROLLOUT_CORRECTIONS = ("none", "token_tis", "seq_tis", "token_mis", "seq_mis")
+KL_TYPES = ("k1", "k2", "k3")  # Schulman's estimators of KL(pi || ref), see kl_estimate
 
 # The token sums `policy_loss` returns; the trainer adds them over a step's micro-batches (and ranks)
 # and divides by "tokens". kl_ref comes only with a reference model, rollout_corr/* only with a correction.

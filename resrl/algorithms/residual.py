@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 LN_EPS = 1e-5
+SVD_METHODS = ("randomized", "exact")  # the randomized range finder, or a float64 SVD
 
 
 @dataclass
@@ -196,8 +197,8 @@ def _check_inputs(hs, mask, pos, gid, rank, q_low, q_high, min_weight, max_pos_t
         raise ValueError(f"min_weight must be in [0, 1], got {min_weight}")
     if max_pos_tokens < 2:
         raise ValueError(f"max_pos_tokens must be >= 2, got {max_pos_tokens}")
-    if svd not in ("randomized", "exact"):
-        raise ValueError(f"svd must be 'randomized' or 'exact', got {svd!r}")
+    if svd not in SVD_METHODS:
+        raise ValueError(f"svd must be one of {', '.join(SVD_METHODS)}, got {svd!r}")
 
 
 def _layer_norm(x: torch.Tensor) -> torch.Tensor:
