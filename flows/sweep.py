@@ -92,13 +92,13 @@ def _slot(limit: str | None, logger):
         yield
 
 
-def slot_limit_for(cfg, logger) -> str | None:
-    """The global concurrency limit lanes take slots from: run.concurrency_limit, when
-    PREFECT_API_URL names a server (not Prefect's temporary one) and the limit exists there
-    (infra/deploy.sh creates it); otherwise None, said in the log."""
+def _read_from_server(cfg, key: str, read, on_missing):
+    """(name, what `read(client, name)` returns) for the name config `key` gives, looked up on the
+    Prefect server PREFECT_API_URL names (not Prefect's temporary one). None when the key is null or
+    no server is named; None after `on_missing(name)` when the server has no such object."""
     from omegaconf import OmegaConf
 
-    name = OmegaConf.select(cfg, "run.concurrency_limit")
+    name = OmegaConf.select(cfg, key)
     if not name or not os.environ.get("PREFECT_API_URL"):
         return None
     from prefect.client.orchestration import get_client
@@ -106,11 +106,23 @@ def slot_limit_for(cfg, logger) -> str | None:
 
     with get_client(sync_client=True) as client:
         try:
-            limit = client.read_global_concurrency_limit_by_name(name)
+            return name, read(client, name)
         except ObjectNotFound:
-            logger.warning("no global concurrency limit '%s' on %s (bash infra/deploy.sh creates it): points train "
-                           "without one", name, os.environ["PREFECT_API_URL"])
+            on_missing(name)
             return None
+
+
+def slot_limit_for(cfg, logger) -> str | None:
+    """The global concurrency limit lanes take slots from: run.concurrency_limit, when
+    PREFECT_API_URL names a server and the limit exists there (infra/deploy.sh creates it);
+    otherwise None, said in the log."""
+    found = _read_from_server(
+        cfg, "run.concurrency_limit", lambda client, name: client.read_global_concurrency_limit_by_name(name),
+        lambda name: logger.warning("no global concurrency limit '%s' on %s (bash infra/deploy.sh creates it): "
+                                    "points train without one", name, os.environ["PREFECT_API_URL"]))
+    if found is None:
+        return None
+    name, limit = found
     logger.info("points take slots of the global concurrency limit '%s' (%d slots, %s)", name, limit.limit,
                 "active" if limit.active else "inactive: not limiting")
     return name
@@ -261,20 +273,16 @@ def pool_deployment(cfg, logger) -> str | None:
     """The deployment to submit a sweep's points to (run.sweep_deployment, `resrl-train/train`):
     when PREFECT_API_URL names a server, the deployment is there and its work pool has a worker
     online. Otherwise None (the points train in lanes here), said in the log."""
-    from omegaconf import OmegaConf
-
-    name = OmegaConf.select(cfg, "run.sweep_deployment")
-    if not name or not os.environ.get("PREFECT_API_URL"):
+    found = _read_from_server(
+        cfg, "run.sweep_deployment", lambda client, name: client.read_deployment_by_name(name),
+        lambda name: logger.info("no deployment %s on the server (bash infra/deploy.sh): points train in lanes "
+                                 "here", name))
+    if found is None:
         return None
+    name, deployment = found
     from prefect.client.orchestration import get_client
-    from prefect.exceptions import ObjectNotFound
 
-    with get_client(sync_client=True) as client:
-        try:
-            deployment = client.read_deployment_by_name(name)
-        except ObjectNotFound:
-            logger.info("no deployment %s on the server (bash infra/deploy.sh): points train in lanes here", name)
-            return None
+    with get_client(sync_client=True) as client:  # a pool that is missing is an error, not "no deployment"
         workers = client.read_workers_for_work_pool(deployment.work_pool_name)
     online = [w.name for w in workers if str(getattr(w.status, "value", w.status)).upper() == "ONLINE"]
     if not online:
