@@ -407,22 +407,6 @@ def test_a_broken_sweep_file_is_one_line_before_prefect_starts(content, needle, 
     assert code == 2 and len(err) == 1 and needle in err[0], err
 
 
-@pytest.mark.parametrize("content, needle", [
-    (b'{"question": "q", "answer": "#### 1"}\n{"question": "bad \\ud800 here", "answer": "#### 2"}\n',
-     r"line 2 holds a lone surrogate \ud800"),
-    (b'{"question": "q", "answer": "#### 1"}\n{"question": "bad \xed\xa0\x80 here", "answer": "#### 2"}\n',
-     "line 2 is not UTF-8: byte 0xed at column 19"),
-    (b'{"question": "q", "answer": "#### 1"}\n{"question": "q2", "answer": }\n', "line 2 is not valid JSON"),
-])
-def test_a_bad_row_in_a_data_file_is_named_with_its_real_cause(content, needle, workdir, tmp_path, capsys):
-    data = tmp_path / "train.jsonl"
-    data.write_bytes(content)
-    code, err = cli(capsys, "export-verl", str(tmp_path / "out"), f"run.cache_dir={workdir / 'cache'}",
-                    "data.source=gsm8k", f"data.path={data}", "data.num_test=1", "warmstart.enabled=false")
-    errors = [line for line in err if line.startswith("resrl: error:")]
-    assert code == 2 and len(errors) == 1 and needle in errors[0] and str(data) in errors[0], err
-
-
 def test_an_unwritable_output_folder_is_one_line_naming_it_at_start(tmp_path, capsys, monkeypatch):
     import resrl.cli
 

@@ -207,6 +207,12 @@ def test_export_verl_takes_overrides_after_config(tmp_path, capsys):
     (b"", "is empty"),
     (b"{\"question\": \"\xff\xfe\x81\", \"answer\": \"#### 1\"}\n", "cannot be read"),  # not UTF-8
     (b"this is { not json\n", "cannot be read"),
+    # a bad row among good ones is named with its real cause
+    (b'{"question": "q", "answer": "#### 1"}\n{"question": "bad \\ud800 here", "answer": "#### 2"}\n',
+     r"line 2 holds a lone surrogate \ud800"),
+    (b'{"question": "q", "answer": "#### 1"}\n{"question": "bad \xed\xa0\x80 here", "answer": "#### 2"}\n',
+     "line 2 is not UTF-8: byte 0xed at column 19"),
+    (b'{"question": "q", "answer": "#### 1"}\n{"question": "q2", "answer": }\n', "line 2 is not valid JSON"),
 ])
 def test_unreadable_data_files_are_one_line(content, needle, workdir, tmp_path, capsys):
     data = tmp_path / "train.jsonl"
