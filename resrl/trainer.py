@@ -270,7 +270,7 @@ class PolicyTrainer:
             self.engine.set_gradient_accumulation_boundary(last)
             # the coefficients already normalize the mini-batch; DeepSpeed averages over the ranks,
             # the global loss is the sum of the ranks' losses
-            self.engine.backward(loss * self.world_size if self.world_size > 1 else loss, scale_wrt_gas=False)
+            self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
             if last:
                 norm = self._grad_norm_before_step()
                 self._refuse_gradient(norm)  # a non-finite or too large gradient never reaches the weights
