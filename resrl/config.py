@@ -39,6 +39,7 @@ class KeyTags:
 
 _TAG = re.compile(r"@(type|nohash|absent)(?:=(\S+))?")
 _TYPES = {"str": str, "int": int, "float": float, "bool": bool}
+_TAGS_CACHE: dict[str, tuple[str, dict[str, "KeyTags"]]] = {}  # path -> (its text, its tags)
 
 
 def key_tags(path: Path | None = None) -> dict[str, KeyTags]:
@@ -66,9 +67,6 @@ def key_tags(path: Path | None = None) -> dict[str, KeyTags]:
                            absent=yaml.safe_load(found["absent"]) if "absent" in found else _NO_VALUE)
     _TAGS_CACHE[str(path)] = (text, out)
     return out
-
-
-_TAGS_CACHE: dict[str, tuple[str, dict[str, KeyTags]]] = {}
 
 
 def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, Any]:

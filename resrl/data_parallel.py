@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from resrl.algorithms import ResidualStats
 from resrl.ranks import group_share, world
-from resrl.trainer import PolicyTrainer, Scored, evaluating, group_chunks
+from resrl.trainer import PolicyTrainer, Scored, evaluating, group_chunks, micro_batches
 
 
 def make_trainer(model_path: str, cfg, *, rollout_batch_size: int) -> PolicyTrainer:
@@ -92,8 +92,8 @@ class DataParallelTrainer(PolicyTrainer):
         mbs = self.cfg.trainer.micro_batch_size
         shares = list(torch.tensor_split(rows, self.world_size))
         n = max(math.ceil(len(s) / mbs) for s in shares)
-        mine = shares[self.rank]
-        return [mine[k * mbs:(k + 1) * mbs] for k in range(n)]
+        mine = micro_batches(shares[self.rank], mbs)
+        return mine + [rows[:0]] * (n - len(mine))
 
     # -------------------------------------------------------------- sums over the ranks
     def _sum_over_ranks(self, total: float, sums: Counter) -> tuple[float, Counter]:
