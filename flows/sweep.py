@@ -20,7 +20,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from prefect import flow, get_run_logger
 
-from resrl import cores
+from resrl import cores, interrupts
 from resrl.config import run_dir, run_name, to_dict
 from resrl.errors import ConfigError
 from resrl.run_state import RunState
@@ -34,6 +34,10 @@ def _point_config(point, sweep_id: str, parent_id: str) -> dict:
     config["run"]["sweep_id"] = sweep_id
     config["run"]["parent_run_id"] = parent_id
     return config
+
+
+SWEEP_PID_ENV = "RESRL_SWEEP_PID"  # tells a lane which process started it (lane_flow dies with it)
+LANE_STOP_GRACE_S = 120.0  # how long a stopped lane may take to mark its point KILLED in MLflow
 
 
 def lane_env(lane: int, lanes: int) -> dict[str, str]:
@@ -61,6 +65,8 @@ def lane_flow(configs: list[dict], claims_dir: str, slot_limit: str | None = Non
     from resrl.config import config_hash, from_dict
 
     cores.apply_from_env()  # this lane's share of the cores (torch threads, affinity), before any engine
+    if os.environ.get(SWEEP_PID_ENV):  # the sweep killed (even by kill -9): this lane stops too
+        interrupts.die_with_parent(int(os.environ[SWEEP_PID_ENV]))
     logger = get_run_logger()
     for config in configs:
         key = config_hash(from_dict(config))
@@ -74,6 +80,9 @@ def lane_flow(configs: list[dict], claims_dir: str, slot_limit: str | None = Non
         (Path(claims_dir) / f"{key}.done").write_text("failed" if failed else "finished")
         if failed:
             logger.warning("point %s: %s", config["run"].get("name") or key, state.message)
+        # a stop signal ends the lane, not only its current point (the training flow returns a
+        # state for it, like any failure, and the loop would otherwise take the next point)
+        interrupts.check()
 
 
 @contextmanager
@@ -246,7 +255,8 @@ def _train_in_lanes(sweep, pending: list, configs: list[dict], status: dict, pro
     from prefect.flow_engine import run_flow_in_subprocess
 
     # children report to this flow's API (the temporary server too, when there is no PREFECT_API_URL)
-    child_env = {"PREFECT_API_URL": str(get_client(sync_client=True).api_url).rstrip("/")}
+    child_env = {"PREFECT_API_URL": str(get_client(sync_client=True).api_url).rstrip("/"),
+                 SWEEP_PID_ENV: str(os.getpid())}
     claims = Path(tempfile.mkdtemp(prefix=f"resrl-{sweep.sweep_id}-"))
     slot_limit = slot_limit_for(sweep.points[0].cfg, logger) if pending else None
     n_lanes = min(sweep.concurrency, len(pending))
@@ -259,7 +269,12 @@ def _train_in_lanes(sweep, pending: list, configs: list[dict], status: dict, pro
         if env.get("RESRL_CORES"):
             logger.info("lane %d: cores %s, %s threads", i, env["RESRL_CORES"], env["OMP_NUM_THREADS"])
     logger.info("%d points to train in %d lane process(es)", len(pending), len(lanes))
-    progress.watch(lanes, claims)
+    try:
+        progress.watch(lanes, claims)
+    except BaseException:  # Ctrl-C, SIGTERM (KeyboardInterrupt, Prefect's TerminationSignal), or a bug
+        stop_lanes(lanes, logger)
+        shutil.rmtree(claims, ignore_errors=True)
+        raise
     for p in pending:
         if _finished(p):
             status[p.key] = "finished"
@@ -267,6 +282,30 @@ def _train_in_lanes(sweep, pending: list, configs: list[dict], status: dict, pro
             status[p.key] = "failed" if (claims / p.key).exists() else "not started (its lane died)"
         logger.info("point %s: %s", p.label(()), status[p.key])
     shutil.rmtree(claims, ignore_errors=True)
+
+
+def stop_lanes(lanes: list, logger, grace_s: float = LANE_STOP_GRACE_S) -> None:
+    """Pass a stop on to the lanes still running: SIGTERM, which ends each lane's point as a stop
+    ends any run (MLflow run KILLED, resumable), then wait up to `grace_s`; a lane still alive
+    then, or every lane when a second stop comes while waiting, is killed. Returns when none is
+    left, so the sweep never exits while a lane trains on."""
+    alive = [lane for lane in lanes if lane.is_alive()]
+    if not alive:
+        return
+    logger.warning("stopping %d lane process(es): their points end as KILLED and resume on the next run",
+                   len(alive))
+    for lane in alive:
+        lane.terminate()
+    deadline = time.monotonic() + grace_s
+    try:
+        for lane in alive:
+            lane.join(timeout=max(0.0, deadline - time.monotonic()))
+    finally:  # the grace ran out, or a second Ctrl-C / SIGTERM came while waiting
+        for lane in alive:
+            if lane.is_alive():
+                logger.warning("lane process %s did not stop in time: killed", lane.pid)
+                lane.kill()
+                lane.join()
 
 
 def pool_deployment(cfg, logger) -> str | None:

@@ -19,6 +19,8 @@ raised it.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import os
 import signal
 import sys
 import threading
@@ -130,3 +132,14 @@ def check() -> None:
 def reset() -> None:
     global _requested
     _requested = None
+
+
+def die_with_parent(parent: int) -> None:
+    """Have Linux send this process SIGTERM when `parent` (the process that started it) ends,
+    even by kill -9, so a worker process never trains on alone (elsewhere a no-op). If the
+    parent is already gone, stop now, as if that SIGTERM had come."""
+    if not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it died before the line above
+        os.kill(os.getpid(), signal.SIGTERM)

@@ -651,3 +651,186 @@ def test_a_sweep_on_a_work_pool_is_shared_by_two_workers(workdir, prefect_api_ur
             except subprocess.TimeoutExpired:  # a busy machine: its shutdown (deregistering) is slow
                 w.kill()
                 w.wait(30)
+
+
+# ----------------------------------------------------------------------------- stop signals reach the lanes
+
+class _ProcessLane:
+    """A real process behind the few methods of multiprocessing.Process that stop_lanes uses."""
+
+    def __init__(self, code: str):
+        self.proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout.readline().strip() == "ready"  # its signal handlers are set
+        self.pid = self.proc.pid
+
+    def is_alive(self):
+        return self.proc.poll() is None
+
+    def terminate(self):
+        self.proc.terminate()
+
+    def kill(self):
+        self.proc.kill()
+
+    def join(self, timeout=None):
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def test_stop_lanes_terminates_and_kills_what_does_not_stop():
+    import logging
+    import signal
+    import time
+
+    from flows.sweep import stop_lanes
+
+    stops = _ProcessLane("import time; print('ready', flush=True); time.sleep(60)")
+    deaf = _ProcessLane("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                        "print('ready', flush=True); time.sleep(60)")
+    t0 = time.monotonic()
+    stop_lanes([stops, deaf], logging.getLogger("test"), grace_s=1.0)
+    assert not stops.is_alive() and not deaf.is_alive()
+    assert stops.proc.returncode == -signal.SIGTERM  # asked, and it stopped
+    assert deaf.proc.returncode == -signal.SIGKILL  # ignored the request: killed after the grace
+    assert time.monotonic() - t0 < 30
+
+
+def test_a_second_stop_while_waiting_kills_every_lane():
+    import logging
+
+    from flows.sweep import stop_lanes
+
+    class Lane:
+        pid = 1234
+
+        def __init__(self):
+            self.calls, self.alive = [], True
+
+        def is_alive(self):
+            return self.alive
+
+        def terminate(self):
+            self.calls.append("terminate")
+
+        def kill(self):
+            self.calls.append("kill")
+            self.alive = False
+
+        def join(self, timeout=None):
+            self.calls.append("join")
+            if timeout is not None and self.alive:
+                raise KeyboardInterrupt  # a second Ctrl-C while the sweep waits for its lanes
+
+    lanes = [Lane(), Lane()]
+    with pytest.raises(KeyboardInterrupt):
+        stop_lanes(lanes, logging.getLogger("test"), grace_s=60)
+    assert all(lane.calls[0] == "terminate" and "kill" in lane.calls and not lane.alive for lane in lanes)
+
+
+def test_a_sweep_that_is_stopped_stops_its_lanes(tmp_path, monkeypatch, smoke_cfg):
+    """SIGTERM or Ctrl-C in the sweep's process while lanes train: the lanes are stopped too
+    (before: the sweep exited, its lane trained on until its point was done)."""
+    import logging
+
+    import prefect.client.orchestration
+    import prefect.flow_engine
+
+    from flows import sweep as sweep_module
+    from resrl.sweep import SweepPoint
+
+    class Client:
+        api_url = "http://127.0.0.1:1/api"
+
+    started, stopped = [], []
+    monkeypatch.setattr(prefect.client.orchestration, "get_client", lambda sync_client=True: Client())
+    monkeypatch.setattr(prefect.flow_engine, "run_flow_in_subprocess",
+                        lambda flow, env, parameters: started.append(env) or f"lane-{len(started)}")
+    monkeypatch.setattr(sweep_module, "slot_limit_for", lambda cfg, logger: None)
+    monkeypatch.setattr(sweep_module, "stop_lanes", lambda lanes, logger: stopped.append(list(lanes)))
+
+    class Progress:
+        def watch(self, lanes, claims):
+            raise KeyboardInterrupt
+
+    class Sweep:
+        sweep_id, concurrency = "sw", 2
+        points = [SweepPoint(cfg=smoke_cfg, overrides={"seed": s}, key=f"k{s}") for s in (0, 1)]
+
+    with pytest.raises(KeyboardInterrupt):
+        sweep_module._train_in_lanes(Sweep(), Sweep.points, [{}, {}], {}, Progress(), logging.getLogger("test"))
+    assert stopped == [["lane-1", "lane-2"]]
+    assert all(env[sweep_module.SWEEP_PID_ENV] == str(os.getpid()) for env in started)  # lanes die with the sweep
+
+
+def test_a_lane_stops_after_the_point_a_signal_ended(tmp_path, monkeypatch, smoke_cfg):
+    """A stop ends the lane, not just its current point: the next point is not taken."""
+    import logging
+    import signal
+
+    import flows.train
+    from flows import sweep as sweep_module
+    from resrl import interrupts
+    from resrl.config import load_config, to_dict
+
+    trained = []
+
+    class Stopped:
+        message = "stopped by SIGTERM"
+
+        def is_failed(self):
+            return False
+
+        def is_crashed(self):
+            return True
+
+    def train_flow(config, return_state):
+        trained.append(config["seed"])
+        interrupts._record(signal.SIGTERM, None)  # what the flow's wrapped SIGTERM handler does
+        return Stopped()
+
+    monkeypatch.setattr(flows.train, "train_flow", train_flow)
+    monkeypatch.setattr(sweep_module, "get_run_logger", lambda: logging.getLogger("test"))
+    monkeypatch.delenv(sweep_module.SWEEP_PID_ENV, raising=False)
+    configs = [to_dict(load_config(ROOT / "conf" / "smoke.yaml", smoke_overrides(tmp_path) + [f"seed={s}"]))
+               for s in (0, 1)]
+    interrupts.reset()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            sweep_module.lane_flow.fn(configs, str(tmp_path))
+    finally:
+        interrupts.reset()
+    assert trained == [0]
+    assert [f.read_text() for f in tmp_path.glob("*.done")] == ["failed"]
+
+
+def test_a_process_that_dies_with_its_parent(tmp_path):
+    """interrupts.die_with_parent: a lane whose sweep is killed with -9 gets SIGTERM from the kernel."""
+    import signal
+    import time
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("PR_SET_PDEATHSIG is Linux's")
+    child_code = ("import os, sys, time; sys.path.insert(0, sys.argv[1]); from resrl import interrupts; "
+                  "interrupts.die_with_parent(int(sys.argv[2])); print(os.getpid(), flush=True); time.sleep(60)")
+    parent_code = ("import os, subprocess, sys, time; "
+                   f"c = subprocess.Popen([sys.executable, '-c', {child_code!r}, {str(ROOT)!r}, str(os.getpid())]); "
+                   "time.sleep(60)")
+    parent = subprocess.Popen([sys.executable, "-c", parent_code], stdout=subprocess.PIPE, text=True)
+    child_pid = int(parent.stdout.readline())  # the child's line, once die_with_parent has run
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child_pid, 0)
+        except ProcessLookupError:
+            break
+        with open(f"/proc/{child_pid}/stat") as f:  # a zombie (reaped by init later) is gone too
+            if f.read().split(")")[-1].split()[0] == "Z":
+                break
+        time.sleep(0.1)
+    else:
+        os.kill(child_pid, signal.SIGKILL)
+        pytest.fail("the child outlived its killed parent")
