@@ -5,7 +5,9 @@ One RL step, top to bottom (`PolicyTrainer.train_step`):
 1. one no-grad pass over the batch, in chunks of whole prompt groups: old
    log-probs, entropy, and - for algorithms that weight tokens (ResRL) - the
    chosen layer's hidden states, turned into token weights chunk by chunk (so the
-   states of the whole batch are never held at once);
+   states of the whole batch are never held at once). With one epoch of one
+   mini-batch (`trainer.single_pass`) this pass is skipped: the loss's own forward,
+   over the same chunks, gives all of it (`_single_pass_update`);
 2. sequence advantages from rewards (the registered algorithm), times the token
    weights;
 3. PPO: `epochs` passes of `mini_batches` optimizer steps, each mini-batch split
@@ -142,6 +144,10 @@ class PolicyTrainer:
             else self.tokenizer.eos_token_id
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
         self.algorithm = get_algorithm(cfg.algorithm.name)
+        # with dropout the training forward is not the scoring forward: such a model keeps the separate pass
+        self._dropout = any(isinstance(v, float) and v > 0 for k, v in model.config.to_dict().items()
+                            if "dropout" in k) or any(isinstance(m, torch.nn.Dropout) and m.p > 0
+                                                      for m in model.modules())
         t = cfg.trainer
         ds_config = deepspeed_config(t, self.dtype, rollout_batch_size)
         self.zero_stage = ds_config["zero_optimization"]["stage"]
@@ -158,31 +164,41 @@ class PolicyTrainer:
     def train_step(self, batch: RolloutBatch, step: int) -> dict[str, float]:
         cfg, t = self.cfg, self.cfg.trainer
         self._step = step  # for the divergence guard's message
-        # 1. old log-probs, entropy and token weights, without gradients
-        scored = self.score(batch, seed=seeds.residual_svd(cfg.seed, step))
-        # 2. advantages, token by token
-        adv = self.advantages(batch, scored)
-        mask = batch.response_mask()
-        train_rows = torch.arange(len(batch))
-        if self.algorithm.skip_zero_advantage:  # PSR/NSR: only their own samples enter the update
-            train_rows = (adv != 0).any(dim=1).nonzero().flatten()
+        svd_seed = seeds.residual_svd(cfg.seed, step)
         agg = self.algorithm.effective_loss_agg(cfg.loss.agg)
         diagnose = diagnostics_due(step, cfg)
-        pushed = self.negative_interference(batch, train_rows, adv, agg) if diagnose else {}
-        # 3. PPO: `epochs` passes over the kept rows, one optimizer step per mini-batch
-        gen = torch.Generator().manual_seed(seeds.minibatch_order(cfg.seed, step))
-        losses, grad_norms, sums = [], [], Counter(dict.fromkeys(SUMMED_KEYS, 0.0))
-        for _ in range(t.epochs if len(train_rows) else 0):
-            perm = train_rows[torch.randperm(len(train_rows), generator=gen)]
-            for rows in torch.tensor_split(perm, t.mini_batches):
-                if not len(rows):
-                    continue
-                coef = torch.zeros(mask.shape)  # (B, T), non-zero only on this mini-batch
-                coef[rows] = token_coefficients(mask[rows], agg, max_len=cfg.rollout.max_tokens)
-                loss, norm, step_sums = self._optimizer_step(batch, rows, coef, scored, adv)
-                losses.append(loss)
-                grad_norms.append(norm)
-                sums.update(step_sums)
+        mask = batch.response_mask()
+        if self.single_pass_applies(diagnose):
+            # one on-policy pass: the loss's own forward gives the old log-probs and the hidden states
+            scored, adv, train_rows, losses, grad_norms, sums = self._single_pass_update(batch, agg, svd_seed)
+            pushed = {}
+        else:
+            # 1. old log-probs, entropy and token weights, without gradients
+            scored = self.score(batch, seed=svd_seed)
+            # 2. advantages, token by token
+            adv = self.advantages(batch, scored)
+            train_rows = torch.arange(len(batch))
+            if self.algorithm.skip_zero_advantage:  # PSR/NSR: only their own samples enter the update
+                train_rows = (adv != 0).any(dim=1).nonzero().flatten()
+            pushed = self.negative_interference(batch, train_rows, adv, agg) if diagnose else {}
+            # 3. PPO: `epochs` passes over the kept rows, one optimizer step per mini-batch
+            keys = summed_keys(kl=scored.ref_logp is not None and bool(cfg.loss.kl_coef),
+                               correction=self._corrected(batch))
+            gen = torch.Generator().manual_seed(seeds.minibatch_order(cfg.seed, step))
+            losses, grad_norms, sums = [], [], Counter(dict.fromkeys(SUMMED_KEYS, 0.0))
+            for _ in range(t.epochs if len(train_rows) else 0):
+                perm = train_rows[torch.randperm(len(train_rows), generator=gen)]
+                for rows in torch.tensor_split(perm, t.mini_batches):
+                    if not len(rows):
+                        continue
+                    coef = torch.zeros(mask.shape)  # (B, T), non-zero only on this mini-batch
+                    coef[rows] = token_coefficients(mask[rows], agg, max_len=cfg.rollout.max_tokens)
+                    loss, norm, step_sums = self._optimizer_step(
+                        self._micro_batches(rows), lambda m: self._micro_loss(batch, m, coef, scored, adv), keys,
+                        batch)
+                    losses.append(loss)
+                    grad_norms.append(norm)
+                    sums.update(step_sums)
         self._check_update(losses, grad_norms)  # before the weights are synced or saved
         # 4. diagnostics
         n_updates = max(len(losses), 1)
@@ -255,15 +271,91 @@ class PolicyTrainer:
                                             self.cfg.algorithm)
         return seq_adv[:, None] * scored.token_weights * batch.response_mask()
 
-    def _optimizer_step(self, batch, rows, coef, scored, adv) -> tuple[float, float, Counter]:
-        """Accumulate gradients over this process's micro-batches of `rows`, then one optimizer step.
-        Returns the summed loss, the gradient norm and the micro-batches' token sums (over all ranks)."""
-        micro = self._micro_batches(rows)
+    def single_pass_applies(self, diagnose: bool) -> bool:
+        """Whether this step's update needs no separate scoring pass (`trainer.single_pass`): one
+        epoch of one mini-batch is one on-policy pass, so the old log-probs are the loss forward's
+        own (detached: the ratio is 1, as after a separate pass at the same weights) and ResRL's
+        hidden states come from that forward too. A separate pass stays for several mini-batches
+        or epochs (later passes see updated weights), a reference model (its own forward), several
+        ranks, a model with dropout (its training forward differs from the scoring one), and steps
+        with the displacement diagnostics (they need the advantages before the update)."""
+        t = self.cfg.trainer
+        return bool(t.single_pass and t.epochs == 1 and t.mini_batches == 1 and self.world_size == 1
+                    and self.ref_model is None and not self._dropout and not diagnose)
+
+    def _single_pass_update(self, batch: RolloutBatch, agg: str, seed: int):
+        """The update of `single_pass_applies`: one optimizer step over micro-batches of whole prompt
+        groups (the token weights are per group), each forward giving its rows' old log-probs,
+        entropy and token weights before its loss. Returns what the separate path has at the end:
+        (scored, adv, train_rows, losses, grad_norms, sums)."""
+        cfg = self.cfg
+        mask = batch.response_mask()
+        B, T = mask.shape
+        seq_adv = self.algorithm.advantages(batch.rewards.float(), batch.correct, batch.group_ids, cfg.algorithm)
+        train_rows = torch.arange(B)
+        if self.algorithm.skip_zero_advantage:  # their token weights are ones: the rule of the separate path
+            train_rows = ((seq_adv[:, None] * mask) != 0).any(dim=1).nonzero().flatten()
+        coef = torch.zeros(B, T)
+        coef[train_rows] = token_coefficients(mask[train_rows], agg, max_len=cfg.rollout.max_tokens)
+        token_fn = self.algorithm.weights_to_compute(cfg.algorithm.diagnostics)
+        layer = cfg.algorithm.hidden_layer if token_fn else None
+        logp, entropy, weights, adv = torch.zeros(B, T), torch.zeros(B, T), torch.ones(B, T), torch.zeros(B, T)
+        stats = []
+        correction = self._corrected(batch)
+        sampler = batch.sampler_logp_tensor() if correction else None
+
+        def loss_of(rows):
+            lp, ent, m, hidden = self._forward(self.engine, batch, rows, hidden_layer=layer)
+            w = lp.shape[1]
+            old = lp.detach()
+            logp[rows, :w], entropy[rows, :w] = old.float().cpu(), ent.detach().float().cpu()
+            if token_fn is not None:
+                with torch.no_grad():
+                    tw, st = token_fn(hidden.detach(), m, batch.correct[rows].to(self.device),
+                                      batch.group_ids[rows].to(self.device), cfg.algorithm, seed=seed)
+                weights[rows, :w] = tw.float().cpu()
+                stats.append(st)
+            applied = weights[rows, :w] if self.algorithm.token_weights is not None else torch.ones(len(rows), w)
+            adv[rows, :w] = seq_adv[rows, None] * applied * mask[rows, :w]
+            return policy_loss(
+                lp, old, adv[rows, :w].to(self.device), coef[rows, :w].to(self.device), m,
+                clip_low=cfg.loss.clip_low, clip_high=cfg.loss.clip_high, dual_clip=cfg.loss.dual_clip,
+                entropy=ent, entropy_coef=cfg.loss.entropy_coef, kl_coef=0.0, kl_type=cfg.loss.kl_type,
+                sampler_logp=sampler[rows, :w].to(self.device) if sampler is not None else None,
+                rollout_correction=cfg.loss.rollout_correction.mode, correction_cap=cfg.loss.rollout_correction.cap,
+                correction_low=cfg.loss.rollout_correction.low)
+
+        # rows outside the update are forwarded only when their hidden states feed the token weights
+        micro = list(group_chunks(batch.group_ids, cfg.trainer.micro_batch_size)) if token_fn is not None \
+            else self._micro_batches(train_rows)
+        losses, grad_norms, sums = [], [], Counter(dict.fromkeys(SUMMED_KEYS, 0.0))
+        if len(train_rows):
+            loss, norm, sums_ = self._optimizer_step(micro, loss_of, summed_keys(kl=False, correction=correction),
+                                                     batch)
+            losses, grad_norms = [loss], [norm]
+            sums.update(sums_)
+        elif token_fn is not None:  # nothing to train, but the weights are still logged
+            with torch.no_grad():
+                for rows in micro:
+                    loss_of(rows)
+        applied = weights if self.algorithm.token_weights is not None else torch.ones(B, T)
+        scored = Scored(logp, entropy, applied, None, ResidualStats.merge(stats),
+                        weights if token_fn is not None else None)
+        return scored, adv, train_rows, losses, grad_norms, sums
+
+    def _corrected(self, batch: RolloutBatch) -> bool:
+        """Whether the loss applies a rollout correction (configured, and the batch has the sampler's log-probs)."""
+        return self.cfg.loss.rollout_correction.mode != "none" and batch.sampler_logp is not None
+
+    def _optimizer_step(self, micro: list[torch.Tensor], loss_of, keys, batch) -> tuple[float, float, Counter]:
+        """Accumulate gradients over this process's micro-batches `micro` (`loss_of(rows)` gives a
+        micro-batch's loss and token sums), then one optimizer step. Returns the summed loss, the
+        gradient norm and the micro-batches' token sums `keys` (over all ranks)."""
         total, norm, sums = 0.0, float("nan"), Counter()
         for k, mrows in enumerate(micro):
             last = k == len(micro) - 1
             if len(mrows):
-                loss, part = self._micro_loss(batch, mrows, coef, scored, adv)
+                loss, part = loss_of(mrows)
                 sums.update({key: float(value) for key, value in part.items()})
             else:  # this rank has no rows left: a pass with no weight keeps the ranks' collectives in step
                 loss = self._idle_forward(batch)
@@ -276,8 +368,6 @@ class PolicyTrainer:
                 self._refuse_gradient(norm)  # a non-finite or too large gradient never reaches the weights
             self.engine.step()
             total += float(loss.detach())
-        keys = summed_keys(kl=scored.ref_logp is not None and bool(self.cfg.loss.kl_coef),
-                           correction=self.cfg.loss.rollout_correction.mode != "none" and batch.sampler_logp is not None)
         total, sums = self._sum_over_ranks(total, Counter({key: sums.get(key, 0.0) for key in keys}))
         return total, self._grad_norm_after(norm), sums
 

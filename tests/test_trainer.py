@@ -216,3 +216,54 @@ def test_rollout_correction_reaches_the_update(micro_model):
     corrected, metrics = update("token_tis", off)
     assert metrics["rollout_corr/changed_frac"] > 0.3  # ratio e > cap 2 on those samples' tokens
     assert any(not torch.allclose(v, plain[k], atol=1e-6) for k, v in corrected.items())
+
+
+@pytest.mark.parametrize("name", ["grpo", "dr_grpo", "psr", "nsr", "w_reinforce", "resrl"])
+def test_single_pass_update_equals_the_separate_scoring_pass(micro_model, name):
+    """trainer.single_pass: with one on-policy pass the loss's own forward replaces the no-grad
+    scoring pass. Same loss, gradient norm, token weights, advantages and new weights as the
+    separate pass (its micro-batches are whole groups instead of shuffled rows: float tolerance),
+    and the scoring pass really is not run."""
+    batch = make_batch(seed=10)
+    args = (f"algorithm.name={name}", "trainer.mini_batches=1", "trainer.micro_batch_size=5",
+            "algorithm.diagnostics_every=1000")  # step 1 has no displacement diagnostics
+    separate = trainer_for(micro_model, *args, "trainer.single_pass=false")
+    single = trainer_for(micro_model, *args)
+    assert single.single_pass_applies(diagnose=False) and not separate.single_pass_applies(diagnose=False)
+    assert not single.single_pass_applies(diagnose=True)  # the diagnostics need the advantages before the update
+
+    def no_scoring_pass(*a, **k):
+        raise AssertionError("the scoring pass ran")
+
+    single.score = no_scoring_pass
+    want, got = separate.train_step(batch, 1), single.train_step(batch, 1)
+    assert set(got) == set(want) and {"loss", "grad_norm", "resrl/weight_mean", "adv/mean"} <= set(want)
+    for key, value in want.items():  # every metric of the step: loss, token sums, weights, advantages
+        assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-5, nan_ok=True), key
+    after = dict(separate.named_weights())
+    for k, v in single.named_weights():  # Adam's first step is ~lr * g / (|g| + eps): where |g| is near eps,
+        # float noise in g moves a weight by a fraction of lr (1e-3); 1e-5 is 1 % of one step
+        torch.testing.assert_close(v, after[k], atol=1e-5, rtol=1e-5)
+
+
+def test_single_pass_keeps_the_separate_pass_where_it_cannot_replace_it(micro_model):
+    batch = make_batch(seed=11)
+    for extra in ("trainer.mini_batches=2", "trainer.epochs=2", "loss.kl_coef=0.1"):
+        t = trainer_for(micro_model, extra, "algorithm.diagnostics_every=1000")
+        assert not t.single_pass_applies(diagnose=False), extra
+    t = trainer_for(micro_model, "trainer.mini_batches=1", "algorithm.diagnostics_every=1000")
+    t._dropout = True  # a model that drops out trains on another forward than it scores with
+    assert not t.single_pass_applies(diagnose=False)
+    # the rollout correction reads the sampler's log-probs in the single pass too
+    logp = t.score(batch).logp
+    rows = [[float(x) for x in logp[i, :len(r)]] for i, r in enumerate(batch.response_ids)]
+    skewed = RolloutBatch(batch.prompt_ids, batch.response_ids, batch.rewards, batch.correct, batch.group_ids,
+                          sampler_logp=[[x - 0.7 for x in r] for r in rows])
+    out = {}
+    for sp in ("true", "false"):
+        tt = trainer_for(micro_model, "trainer.mini_batches=1", "algorithm.diagnostics_every=1000",
+                         "loss.rollout_correction.mode=token_tis", "loss.rollout_correction.cap=1.5",
+                         f"trainer.single_pass={sp}")
+        out[sp] = tt.train_step(skewed, 1)
+    assert out["true"]["loss"] == pytest.approx(out["false"]["loss"], rel=1e-4)
+    assert out["true"]["grad_norm"] == pytest.approx(out["false"]["grad_norm"], rel=1e-4)
