@@ -35,9 +35,51 @@ class KeyTags:
     type: type | None = None      # @type=...: the type of a key whose default is null
     hashed: bool = True           # False with @nohash
     absent: Any = _NO_VALUE       # @absent=VALUE: the value that reproduces runs made before the key existed
+    range: "Range | None" = None  # @range=...: the values the key accepts (checked by `validate`)
 
 
-_TAG = re.compile(r"@(type|nohash|absent)(?:=(\S+))?")
+@dataclass(frozen=True)
+class Range:
+    """A numeric key's accepted values, from its @range tag: `>=1`, `>0`, `[0,1]`, `(0,1]`, ...;
+    a trailing `|null` also accepts null (so does a key whose default is null)."""
+    low: float | None
+    high: float | None
+    low_open: bool = False
+    high_open: bool = False
+    nullable: bool = False
+
+    @classmethod
+    def parse(cls, text: str, key: str) -> "Range":
+        nullable = text.endswith("|null")
+        body = text.removesuffix("|null")
+        if m := re.fullmatch(r"(>=|>)(-?[\d.e+-]+)", body):
+            return cls(float(m.group(2)), None, low_open=m.group(1) == ">", nullable=nullable)
+        if m := re.fullmatch(r"([\[(])(-?[\d.e+-]+),(-?[\d.e+-]+)([\])])", body):
+            return cls(float(m.group(2)), float(m.group(3)), m.group(1) == "(", m.group(4) == ")", nullable)
+        raise ConfigError(f"{DEFAULT_CONFIG}: {key} has @range={text}; write >=A, >A, [A,B], (A,B], [A,B) or (A,B), "
+                          "optionally followed by |null")
+
+    def accepts(self, value: Any) -> bool:
+        if value is None:
+            return self.nullable
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def rule(self) -> str:
+        """The rule as an error message says it: '>= 1', 'in (0, 1]', '> 0 or null'."""
+        def num(x: float) -> str:
+            return str(int(x)) if x == int(x) and abs(x) < 1e15 else repr(x)
+        if self.high is None:
+            text = f"{'>' if self.low_open else '>='} {num(self.low)}"
+        else:
+            text = f"in {'(' if self.low_open else '['}{num(self.low)}, {num(self.high)}{')' if self.high_open else ']'}"
+        return text + (" or null" if self.nullable else "")
+
+
+_TAG = re.compile(r"@(type|nohash|absent|range)(?:=(\S+))?")
 _TYPES = {"str": str, "int": int, "float": float, "bool": bool}
 _TAGS_CACHE: dict[str, tuple[str, dict[str, "KeyTags"]]] = {}  # path -> (its text, its tags)
 
@@ -63,8 +105,12 @@ def key_tags(path: Path | None = None) -> dict[str, KeyTags]:
         key = ".".join(stack)
         if "type" in found and found["type"] not in _TYPES:
             raise ConfigError(f"{path}: {key} has @type={found['type']}; use one of {', '.join(_TYPES)}")
+        default = yaml.safe_load(m.group(3).split(" # ", 1)[0] or "null")
+        rng = Range.parse(found["range"], key) if "range" in found else None
+        if rng is not None and default is None and not rng.nullable:  # a null default is always accepted
+            rng = Range(rng.low, rng.high, rng.low_open, rng.high_open, nullable=True)
         out[key] = KeyTags(type=_TYPES.get(found.get("type")), hashed="nohash" not in found,
-                           absent=yaml.safe_load(found["absent"]) if "absent" in found else _NO_VALUE)
+                           absent=yaml.safe_load(found["absent"]) if "absent" in found else _NO_VALUE, range=rng)
     _TAGS_CACHE[str(path)] = (text, out)
     return out
 
@@ -255,66 +301,46 @@ def _check(ok: bool, key: str, rule: str, value: Any) -> None:
         raise ConfigError(f"{key} must be {rule}, got {value!r}.")
 
 
+def check_ranges(cfg: DictConfig) -> None:
+    """Every key with a @range tag in conf/default.yaml holds a value in it (ConfigError naming the first that does not)."""
+    for key, tags in key_tags().items():
+        if tags.range is not None:
+            value = OmegaConf.select(cfg, key)
+            _check(tags.range.accepts(value), key, tags.range.rule(), value)
+
+
 def validate(cfg: DictConfig) -> None:
-    """Check values; raises ConfigError naming the key and showing its value. Loads no model."""
+    """Check values; raises ConfigError naming the key and showing its value. Loads no model.
+    A key's own range is declared beside it (@range in conf/default.yaml, `check_ranges`); the rules
+    here are those a tag cannot say: choices named by the modules, and rules across keys."""
     from resrl import synthetic  # local: keeps import light
     from resrl.algorithms import ALGORITHMS, KL_TYPES, LOSS_AGGREGATIONS, ROLLOUT_CORRECTIONS, SVD_METHODS
     from resrl.data import DATA_SOURCES, OVERLONG_PROMPTS
     from resrl.devices import DEVICES, DTYPES, check_dtype, resolve_device
 
     check_run_name(cfg.run.name)  # first: where the run's files go
+    check_ranges(cfg)
     a, r, t, e, loss = cfg.algorithm, cfg.rollout, cfg.trainer, cfg.eval, cfg.loss
     _check(a.name in ALGORITHMS, "algorithm.name", f"one of {', '.join(sorted(ALGORITHMS))}", a.name)
-    _check(a.rank >= 1, "algorithm.rank", ">= 1", a.rank)
     _require(0.0 <= a.q_low < a.q_high <= 1.0,
              f"algorithm.q_low/q_high must satisfy 0 <= q_low < q_high <= 1, got {a.q_low}/{a.q_high}.")
-    _check(0.0 <= a.min_weight <= 1.0, "algorithm.min_weight", "in [0, 1]", a.min_weight)
-    _check(a.pos_weight >= 0.0, "algorithm.pos_weight", ">= 0", a.pos_weight)
-    _check(a.wr_lambda >= 0.0, "algorithm.wr_lambda", ">= 0", a.wr_lambda)
-    _check(a.max_pos_tokens >= 2, "algorithm.max_pos_tokens", ">= 2", a.max_pos_tokens)
     _check(a.svd in SVD_METHODS, "algorithm.svd", _either(SVD_METHODS), a.svd)
-    _check(a.oversample >= 0, "algorithm.oversample", ">= 0", a.oversample)
-    _check(a.power_iters >= 0, "algorithm.power_iters", ">= 0", a.power_iters)
     _check(a.hidden_layer != 0, "algorithm.hidden_layer", "-1, -2, ... or a layer >= 1 (0 is the embedding output)",
            a.hidden_layer)
-    _check(a.eps > 0, "algorithm.eps", "> 0", a.eps)
-    _check(a.diagnostics_every >= 1, "algorithm.diagnostics_every", ">= 1", a.diagnostics_every)
     if ALGORITHMS[a.name].needs_groups:
         _check(r.n >= 2, "rollout.n", f">= 2 for the group-normalized algorithm '{a.name}'", r.n)
     _check(r.n >= 1, "rollout.n", ">= 1", r.n)
-    _check(r.prompts_per_step >= 1, "rollout.prompts_per_step", ">= 1", r.prompts_per_step)
-    _check(r.temperature >= 0, "rollout.temperature", ">= 0", r.temperature)
-    _check(0 < r.top_p <= 1, "rollout.top_p", "in (0, 1]", r.top_p)
     _check(r.top_k == -1 or r.top_k >= 1, "rollout.top_k", "-1 (off) or >= 1", r.top_k)
-    _check(r.max_tokens >= 1, "rollout.max_tokens", ">= 1", r.max_tokens)
     from resrl.rollout import ROLLOUT_BACKENDS
 
     _check(r.backend in ROLLOUT_BACKENDS, "rollout.backend", f"one of {', '.join(ROLLOUT_BACKENDS)}", r.backend)
-    _check(r.max_num_seqs >= 1, "rollout.max_num_seqs", ">= 1", r.max_num_seqs)
-    _check(r.kv_cache_gb > 0, "rollout.kv_cache_gb", "> 0", r.kv_cache_gb)
-    _check(0 < r.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization", "in (0, 1]", r.gpu_memory_utilization)
     _check(loss.agg in LOSS_AGGREGATIONS, "loss.agg", f"one of {', '.join(LOSS_AGGREGATIONS)}", loss.agg)
-    _check(loss.clip_low >= 0, "loss.clip_low", ">= 0", loss.clip_low)
-    _check(loss.clip_high >= 0, "loss.clip_high", ">= 0", loss.clip_high)
     _check(loss.dual_clip is None or (isinstance(loss.dual_clip, (int, float)) and loss.dual_clip > 1.0),
            "loss.dual_clip", "> 1 or null", loss.dual_clip)
     _check(loss.kl_type in KL_TYPES, "loss.kl_type", _either(KL_TYPES), loss.kl_type)
-    _check(loss.kl_coef >= 0, "loss.kl_coef", ">= 0", loss.kl_coef)
     rc = loss.rollout_correction
     _check(rc.mode in ROLLOUT_CORRECTIONS, "loss.rollout_correction.mode", f"one of {', '.join(ROLLOUT_CORRECTIONS)}",
            rc.mode)
-    _check(rc.cap >= 1.0, "loss.rollout_correction.cap", ">= 1", rc.cap)
-    _check(0.0 <= rc.low <= 1.0, "loss.rollout_correction.low", "in [0, 1]", rc.low)
-    _check(t.steps >= 0, "trainer.steps", ">= 0", t.steps)
-    _check(t.lr > 0, "trainer.lr", "> 0", t.lr)
-    _check(t.adam_eps > 0, "trainer.adam_eps", "> 0", t.adam_eps)
-    _check(t.mini_batches >= 1, "trainer.mini_batches", ">= 1", t.mini_batches)
-    _check(t.epochs >= 1, "trainer.epochs", ">= 1", t.epochs)
-    _check(t.max_grad_norm_accepted is None or t.max_grad_norm_accepted > 0, "trainer.max_grad_norm_accepted",
-           "> 0 or null", t.max_grad_norm_accepted)
-    _check(t.max_abs_weight_accepted is None or t.max_abs_weight_accepted > 0, "trainer.max_abs_weight_accepted",
-           "> 0 or null", t.max_abs_weight_accepted)
-    _check(t.micro_batch_size >= 1, "trainer.micro_batch_size", ">= 1", t.micro_batch_size)
     batch = r.prompts_per_step * r.n
     _require(batch % t.mini_batches == 0,
              f"rollout.prompts_per_step * rollout.n ({batch}) must be divisible by trainer.mini_batches "
@@ -323,30 +349,16 @@ def validate(cfg: DictConfig) -> None:
     _check(t.device in DEVICES, "trainer.device", _either(DEVICES), t.device)
     _check(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "trainer.betas", "two numbers in [0, 1)",
            list(t.betas))
-    _check(e.k >= 1, "eval.k", ">= 1", e.k)
-    _check(e.final_k is None or e.final_k >= 1, "eval.final_k", ">= 1 or null", e.final_k)
-    _check(e.every >= 1, "eval.every", ">= 1", e.every)
-    _check(e.num_prompts is None or e.num_prompts >= 1, "eval.num_prompts", ">= 1 or null", e.num_prompts)
     _check(cfg.model.dtype in DTYPES, "model.dtype", _either(DTYPES), cfg.model.dtype)
     d, s = cfg.data, cfg.data.synthetic
     _check(d.source in DATA_SOURCES, "data.source", f"one of {', '.join(DATA_SOURCES)}", d.source)
     _check(d.overlong_prompts in OVERLONG_PROMPTS, "data.overlong_prompts", _either(OVERLONG_PROMPTS),
            d.overlong_prompts)
-    _check(0 <= d.max_bad_fraction <= 1, "data.max_bad_fraction", "in [0, 1]", d.max_bad_fraction)
     _require(2 <= s.min_terms <= s.max_terms,
              f"data.synthetic needs 2 <= min_terms <= max_terms, got {s.min_terms}/{s.max_terms}.")
-    _check(s.max_operand >= 1, "data.synthetic.max_operand", ">= 1", s.max_operand)
-    _check(s.num_train >= 1, "data.synthetic.num_train", ">= 1", s.num_train)
-    _check(s.num_test >= 1, "data.synthetic.num_test", ">= 1", s.num_test)
     _check(len(s.ops) >= 1 and set(s.ops) <= set("+-*"), "data.synthetic.ops", "made of + - *", s.ops)
-    _check(0.0 <= s.flawed_fraction <= 1.0, "data.synthetic.flawed_fraction", "in [0, 1]", s.flawed_fraction)
     _check(s.hard_last_operand is None or 0 <= s.hard_last_operand <= s.max_operand + 1,
            "data.synthetic.hard_last_operand", f"in 0..{s.max_operand + 1} or null", s.hard_last_operand)
-    _check(0 <= cfg.reward.max_error_fraction <= 1, "reward.max_error_fraction", "in [0, 1]",
-           cfg.reward.max_error_fraction)
-    ls = cfg.reward.length_scale
-    _check(0 <= ls.end_scale <= 1, "reward.length_scale.end_scale", "in [0, 1]", ls.end_scale)
-    _check(ls.start_tokens >= 0, "reward.length_scale.start_tokens", ">= 0", ls.start_tokens)
     if cfg.reward.function is not None:
         _check(":" in cfg.reward.function, "reward.function", "'module:function'", cfg.reward.function)
         from resrl.rewards import load_reward_function
@@ -366,8 +378,6 @@ def validate(cfg: DictConfig) -> None:
         _check(w.steps >= 1, "warmstart.steps", ">= 1", w.steps)
         _check(w.batch_size >= 1, "warmstart.batch_size", ">= 1", w.batch_size)
         _check(w.lr > 0, "warmstart.lr", "> 0", w.lr)
-    _check(cfg.run.checkpoint_every >= 1, "run.checkpoint_every", ">= 1", cfg.run.checkpoint_every)
-    _check(cfg.run.keep_checkpoints >= 1, "run.keep_checkpoints", ">= 1", cfg.run.keep_checkpoints)
     check_dtype(cfg.model.dtype, resolve_device(cfg.trainer.device))  # also: trainer.device=cuda without CUDA
     n = t.num_processes  # data-parallel ranks sample whole prompt groups
     _require(isinstance(n, int) and n >= 1, f"trainer.num_processes must be an integer >= 1, got {n}.")

@@ -90,7 +90,8 @@ def test_the_defaults_file_declares_hash_tags_read_from_its_comments():
     tags = key_tags()
     assert not tags["run.output_dir"].hashed and not tags["trainer.max_abs_weight_accepted"].hashed
     assert tags["eval.final_k"].type is int and tags["eval.final_k"].hashed
-    assert "algorithm.rank" not in tags  # untagged: hashed, typed by its default
+    assert tags["algorithm.rank"].hashed and tags["algorithm.rank"].type is None  # only a @range: hashed, typed by its default
+    assert "algorithm.name" not in tags  # untagged
 
 
 @pytest.mark.parametrize("tag, same", [("@absent=0.5", True), ("@absent=0.0", False), ("", False)])
@@ -197,3 +198,50 @@ def test_mlflow_bookkeeping_keys_leave_the_hash_of_existing_runs():
         for key in ("system_metrics", "log_model", "concurrency_limit", "sweep_deployment"):
             del old.run[key]
     assert config_hash(cfg) == config_hash(old) == config_hash(load_config())
+
+
+def test_range_tags_parse_and_check_by_hand():
+    from resrl.config import Range
+
+    cases = {  # tag -> (accepted, rejected, rule)
+        ">=1": ([1, 2, 10 ** 6], [0, -1, 0.5, None, True, "1"], ">= 1"),
+        ">0": ([1e-12, 3], [0, -1e-12, None], "> 0"),
+        "[0,1]": ([0, 0.5, 1], [-0.01, 1.01, None], "in [0, 1]"),
+        "(0,1]": ([1e-9, 1], [0, 1.5], "in (0, 1]"),
+        "[0,1)": ([0, 0.999], [1], "in [0, 1)"),
+        ">0|null": ([None, 2.5], [0, -3], "> 0 or null"),
+    }
+    for tag, (ok, bad, rule) in cases.items():
+        r = Range.parse(tag, "k")
+        assert r.rule() == rule
+        assert all(r.accepts(v) for v in ok), tag
+        assert not any(r.accepts(v) for v in bad), tag
+    with pytest.raises(ConfigError, match="@range=1..2"):
+        Range.parse("1..2", "k")
+
+
+def test_every_range_tag_is_enforced_and_declared_once():
+    """Each @range key of conf/default.yaml: its default passes, a value outside its range fails
+    with the key and the rule in the message, and resrl/config.py holds no second rule for it."""
+    import re
+
+    from omegaconf import OmegaConf
+
+    from conftest import ROOT
+    from resrl.config import key_tags, load_config, validate
+
+    defaults = load_config()
+    ranged = {k: t.range for k, t in key_tags().items() if t.range is not None}
+    assert len(ranged) >= 40 and "algorithm.rank" in ranged and "trainer.lr" in ranged
+    validate(load_config())
+    source = (ROOT / "resrl" / "config.py").read_text()
+    for key, r in ranged.items():
+        outside = r.low - 1 if r.low is not None else r.high + 1
+        if r.low is not None and r.low_open:
+            outside = r.low
+        declared = key_tags()[key].type or type(OmegaConf.select(defaults, key))
+        if declared is int:
+            outside = int(outside)
+        with pytest.raises(ConfigError, match=re.escape(f"{key} must be {r.rule()}")):
+            validate(load_config(None, [f"{key}={outside}"]))
+        assert f'"{key}"' not in source, f"{key} has a rule in resrl/config.py besides its @range tag"
