@@ -128,10 +128,10 @@ def _train(args) -> int:
         # Start the ranks on this machine: torchrun runs this same command in each of them.
         from resrl import cores
 
-        cmd = ranks.launcher_command(cfg, args.argv)
+        cmd = ranks.launcher_command(cfg.trainer, args.argv)
         print(f"resrl: starting {cfg.trainer.num_processes} data-parallel ranks with torchrun", flush=True)
         return subprocess.call(cmd, env={**os.environ, **cores.launcher_env(cfg.trainer.num_processes)})
-    ranks.check_launch(cfg)
+    ranks.check_launch(cfg.trainer)
     if cfg.trainer.num_processes > 1:
         from resrl.devices import resolve_device
 

@@ -277,15 +277,15 @@ def check_model_dir(path: str | Path) -> None:
     _require(has_weights, f"model.path '{p}' has no *.safetensors weights.")
 
 
-def model_max_positions(cfg: DictConfig) -> int | None:
-    """Tokens (prompt + response) the model takes: the embedded model's `model.tiny.max_positions`,
-    or `max_position_embeddings` in model.path's config.json (None when it has none)."""
-    if cfg.model.path is None:
-        return int(cfg.model.tiny.max_positions)
+def model_max_positions(model_cfg: DictConfig) -> int | None:
+    """Tokens (prompt + response) the model (the `model` section) takes: the embedded model's
+    `model.tiny.max_positions`, or `max_position_embeddings` in model.path's config.json (None when it has none)."""
+    if model_cfg.path is None:
+        return int(model_cfg.tiny.max_positions)
     try:
-        value = json.loads((Path(cfg.model.path) / "config.json").read_text()).get("max_position_embeddings")
+        value = json.loads((Path(model_cfg.path) / "config.json").read_text()).get("max_position_embeddings")
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"model.path '{cfg.model.path}': config.json cannot be read: {_one_line(exc)}") from None
+        raise ConfigError(f"model.path '{model_cfg.path}': config.json cannot be read: {_one_line(exc)}") from None
     return value if isinstance(value, int) else None
 
 
@@ -369,7 +369,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.model.path is not None:
         check_model_dir(cfg.model.path)
     max_new = max(r.max_tokens, e.max_tokens)
-    positions = model_max_positions(cfg)
+    positions = model_max_positions(cfg.model)
     _require(positions is None or max_new <= positions,  # with the prompts: checked after data preparation
              f"rollout.max_tokens/eval.max_tokens ({max_new}) exceed the model's {positions} positions "
              "(model.tiny.max_positions, or max_position_embeddings of model.path).")

@@ -281,20 +281,21 @@ def adapt_split(rows: list[dict], source: str, split: str, summary: PrepSummary,
 
 # ----------------------------------------------------------------------------- prompts
 
-def format_prompt(row: dict, cfg, tokenizer) -> str:
+def format_prompt(row: dict, data_cfg, tokenizer) -> str:
+    """The prompt text of a row, by the `data` section's chat template or prompt template."""
     messages = row.get("messages") or [{"role": "user", "content": row["question"]}]
-    if cfg.data.use_chat_template:
+    if data_cfg.use_chat_template:
         if not getattr(tokenizer, "chat_template", None):
             raise DataError("data.use_chat_template=true but the model's tokenizer has no chat template")
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return cfg.data.prompt_template.format(question=row["question"])
+    return data_cfg.prompt_template.format(question=row["question"])
 
 
 def usable_rows(rows, cfg, tokenizer, summary: PrepSummary):
     """Prepared rows in order, over-long prompts dropped or truncated (data.overlong_prompts)."""
     limit = cfg.data.max_prompt_tokens
     for row in rows:
-        prompt = format_prompt(row, cfg, tokenizer)
+        prompt = format_prompt(row, cfg.data, tokenizer)
         ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         if len(ids) > limit:
             if cfg.data.overlong_prompts == "drop":

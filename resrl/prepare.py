@@ -58,7 +58,7 @@ def check_room_for_prompts(cfg, dataset_dir: Path) -> None:
     (validation checked the budget alone; the prompts are known only now, before any engine starts)."""
     from resrl.config import model_max_positions
 
-    positions = model_max_positions(cfg)
+    positions = model_max_positions(cfg.model)
     if positions is None:
         return
     data = load_prepared(dataset_dir)
@@ -70,10 +70,10 @@ def check_room_for_prompts(cfg, dataset_dir: Path) -> None:
                         f"{positions - max_new} or lower the max_tokens")
 
 
-def check_reward_sources(cfg, dataset_dir: Path) -> None:
-    """With the default reward.function, every row's data_source needs a registered reward:
-    said now, before the warm-start and the engines, not at the first rollout's scoring."""
-    if cfg.reward.function is not None:
+def check_reward_sources(reward_cfg, dataset_dir: Path) -> None:
+    """With the default reward.function (the `reward` section), every row's data_source needs a
+    registered reward: said now, before the warm-start and the engines, not at the first rollout's scoring."""
+    if reward_cfg.function is not None:
         return
     from resrl.rewards import check_sources
 
@@ -90,7 +90,7 @@ def prepare(cfg, progress: bool = True) -> dict:
     base, dataset_dir = got["base_dir"], got["dataset_dir"]
     summary = load_summary(dataset_dir)
     check_room_for_prompts(cfg, dataset_dir)
-    check_reward_sources(cfg, dataset_dir)
+    check_reward_sources(cfg.reward, dataset_dir)
     metrics = dict(summary.as_metrics())
     policy = base
     warm_reused = None

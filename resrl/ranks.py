@@ -44,10 +44,10 @@ def group_share(num_groups: int, rank: int, size: int) -> range:
     return range(start, start + base + (1 if rank < extra else 0))
 
 
-def check_launch(cfg) -> None:
-    """The launcher's world must be the one the config asks for."""
+def check_launch(trainer_cfg) -> None:
+    """The launcher's world must be the one the `trainer` section asks for."""
     rank, size = world()
-    n = cfg.trainer.num_processes
+    n = trainer_cfg.num_processes
     if "RANK" in os.environ and size != n:
         raise LaunchError(f"trainer.num_processes={n} but the launcher started {size} process(es) "
                           f"(WORLD_SIZE={size}); give torchrun --nnodes x --nproc_per_node = {n}.")
@@ -56,13 +56,13 @@ def check_launch(cfg) -> None:
                           "`resrl train` starts it on one machine, see README for several machines.")
 
 
-def launcher_command(cfg, argv: list[str]) -> list[str]:
+def launcher_command(trainer_cfg, argv: list[str]) -> list[str]:
     """torchrun on this machine for `trainer.num_processes` ranks, running `resrl <argv>` in each."""
     if importlib.util.find_spec("torch.distributed.run") is None:
         raise LaunchError("trainer.num_processes > 1 needs torchrun (torch.distributed.run), "
                           "which this torch does not have.")
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
-            "--nproc_per_node", str(cfg.trainer.num_processes), "--master_addr", "127.0.0.1",
+            "--nproc_per_node", str(trainer_cfg.num_processes), "--master_addr", "127.0.0.1",
             "--master_port", str(free_port()), "-m", "resrl.cli", *argv]
 
 

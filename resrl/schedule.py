@@ -22,6 +22,6 @@ def checkpoint_due(step: int, cfg) -> bool:
     return step % cfg.run.checkpoint_every == 0 or step == cfg.trainer.steps
 
 
-def diagnostics_due(step: int, cfg) -> bool:
+def diagnostics_due(step: int, algorithm_cfg) -> bool:
     """The likelihood-displacement diagnostics in RL step `step` (resrl/displacement.py)."""
-    return step % cfg.algorithm.diagnostics_every == 0
+    return step % algorithm_cfg.diagnostics_every == 0

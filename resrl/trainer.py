@@ -166,7 +166,7 @@ class PolicyTrainer:
         self._step = step  # for the divergence guard's message
         svd_seed = seeds.residual_svd(cfg.seed, step)
         agg = self.algorithm.effective_loss_agg(cfg.loss.agg)
-        diagnose = diagnostics_due(step, cfg)
+        diagnose = diagnostics_due(step, cfg.algorithm)
         mask = batch.response_mask()
         if self.single_pass_applies(diagnose):
             # one on-policy pass: the loss's own forward gives the old log-probs and the hidden states

@@ -60,13 +60,13 @@ def test_launcher_world_must_match_the_config(monkeypatch):
     for key in ("RANK", "WORLD_SIZE"):
         monkeypatch.delenv(key, raising=False)
     with pytest.raises(ranks.LaunchError, match="needs a launcher"):
-        ranks.check_launch(cfg)
+        ranks.check_launch(cfg.trainer)
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(ranks.LaunchError, match="launcher started 3 process"):
-        ranks.check_launch(cfg)
+        ranks.check_launch(cfg.trainer)
     monkeypatch.setenv("WORLD_SIZE", "2")
-    ranks.check_launch(cfg)
+    ranks.check_launch(cfg.trainer)
 
 
 # ------------------------------------------------------------------ two ranks

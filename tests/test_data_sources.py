@@ -158,10 +158,10 @@ def test_an_unregistered_data_source_is_refused_after_preparation(tmp_path, toke
     cfg2 = cfg_for("data.source=verl", f"data.path={tmp_path / 'verl'}", "data.max_prompt_tokens=2048")
     prepare_dataset(cfg2, tokenizer, tmp_path / "back")
     with pytest.raises(ConfigError, match="no reward function registered for data_source 'my_lab/puzzles'"):
-        check_reward_sources(cfg2, tmp_path / "back")
+        check_reward_sources(cfg2.reward, tmp_path / "back")
     own = cfg_for("data.source=verl", f"data.path={tmp_path / 'verl'}", "reward.function=resrl.rewards:compute_score")
-    check_reward_sources(own, tmp_path / "back")  # a reward.function of one's own decides for itself
-    check_reward_sources(cfg, tmp_path / "ours")
+    check_reward_sources(own.reward, tmp_path / "back")  # a reward.function of one's own decides for itself
+    check_reward_sources(cfg.reward, tmp_path / "ours")
 
 
 def test_verl_rows_with_chat_template(tmp_path, tokenizer):
