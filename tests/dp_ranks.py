@@ -55,6 +55,7 @@ def update(model_dir: str, out: Path, zero: int, overrides: list[str]) -> None:
     cfg = load_config(None, ["rollout.prompts_per_step=6", f"rollout.n={N}", "trainer.device=cpu",
                              "trainer.lr=1e-3", "trainer.warmup_steps=1", "algorithm.rank=3",
                              "trainer.mini_batches=2", "trainer.micro_batch_size=4", f"trainer.zero_stage={zero}",
+                             "algorithm.diagnostics_every=1",  # the step logs lld, compared across ranks
                              f"trainer.num_processes={size}", "rollout.kv_cache_gb=0.05", *overrides])
     groups = cfg.rollout.prompts_per_step
     ranks.start("cpu")
