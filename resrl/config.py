@@ -49,14 +49,14 @@ class Range:
     nullable: bool = False
 
     @classmethod
-    def parse(cls, text: str, key: str) -> "Range":
+    def parse(cls, text: str, where: str) -> "Range":
         nullable = text.endswith("|null")
         body = text.removesuffix("|null")
         if m := re.fullmatch(r"(>=|>)(-?[\d.e+-]+)", body):
             return cls(float(m.group(2)), None, low_open=m.group(1) == ">", nullable=nullable)
         if m := re.fullmatch(r"([\[(])(-?[\d.e+-]+),(-?[\d.e+-]+)([\])])", body):
             return cls(float(m.group(2)), float(m.group(3)), m.group(1) == "(", m.group(4) == ")", nullable)
-        raise ConfigError(f"{DEFAULT_CONFIG}: {key} has @range={text}; write >=A, >A, [A,B], (A,B], [A,B) or (A,B), "
+        raise ConfigError(f"{where} has @range={text}; write >=A, >A, [A,B], (A,B], [A,B) or (A,B), "
                           "optionally followed by |null")
 
     def accepts(self, value: Any) -> bool:
@@ -106,7 +106,7 @@ def key_tags(path: Path | None = None) -> dict[str, KeyTags]:
         if "type" in found and found["type"] not in _TYPES:
             raise ConfigError(f"{path}: {key} has @type={found['type']}; use one of {', '.join(_TYPES)}")
         default = yaml.safe_load(m.group(3).split(" # ", 1)[0] or "null")
-        rng = Range.parse(found["range"], key) if "range" in found else None
+        rng = Range.parse(found["range"], f"{path}: {key}") if "range" in found else None
         if rng is not None and default is None and not rng.nullable:  # a null default is always accepted
             rng = Range(rng.low, rng.high, rng.low_open, rng.high_open, nullable=True)
         out[key] = KeyTags(type=_TYPES.get(found.get("type")), hashed="nohash" not in found,

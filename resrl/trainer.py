@@ -184,6 +184,7 @@ class PolicyTrainer:
             # 3. PPO: `epochs` passes over the kept rows, one optimizer step per mini-batch
             keys = summed_keys(kl=scored.ref_logp is not None and bool(cfg.loss.kl_coef),
                                correction=self._corrected(batch))
+            sampler = batch.sampler_logp_tensor() if self._corrected(batch) else None  # once per step
             gen = torch.Generator().manual_seed(seeds.minibatch_order(cfg.seed, step))
             losses, grad_norms, sums = [], [], Counter(dict.fromkeys(SUMMED_KEYS, 0.0))
             for _ in range(t.epochs if len(train_rows) else 0):
@@ -194,8 +195,8 @@ class PolicyTrainer:
                     coef = torch.zeros(mask.shape)  # (B, T), non-zero only on this mini-batch
                     coef[rows] = token_coefficients(mask[rows], agg, max_len=cfg.rollout.max_tokens)
                     loss, norm, step_sums = self._optimizer_step(
-                        self._micro_batches(rows), lambda m: self._micro_loss(batch, m, coef, scored, adv), keys,
-                        batch)
+                        self._micro_batches(rows), lambda m: self._micro_loss(batch, m, coef, scored, adv, sampler),
+                        keys, batch)
                     losses.append(loss)
                     grad_norms.append(norm)
                     sums.update(step_sums)
@@ -307,8 +308,7 @@ class PolicyTrainer:
         def loss_of(rows):
             lp, ent, m, hidden = self._forward(self.engine, batch, rows, hidden_layer=layer)
             w = lp.shape[1]
-            old = lp.detach()
-            logp[rows, :w], entropy[rows, :w] = old.float().cpu(), ent.detach().float().cpu()
+            logp[rows, :w], entropy[rows, :w] = lp.detach().float().cpu(), ent.detach().float().cpu()  # old = own
             if token_fn is not None:
                 with torch.no_grad():
                     tw, st = token_fn(hidden.detach(), m, batch.correct[rows].to(self.device),
@@ -317,13 +317,7 @@ class PolicyTrainer:
                 stats.append(st)
             applied = weights[rows, :w] if self.algorithm.token_weights is not None else torch.ones(len(rows), w)
             adv[rows, :w] = seq_adv[rows, None] * applied * mask[rows, :w]
-            return policy_loss(
-                lp, old, adv[rows, :w].to(self.device), coef[rows, :w].to(self.device), m,
-                clip_low=cfg.loss.clip_low, clip_high=cfg.loss.clip_high, dual_clip=cfg.loss.dual_clip,
-                entropy=ent, entropy_coef=cfg.loss.entropy_coef, kl_coef=0.0, kl_type=cfg.loss.kl_type,
-                sampler_logp=sampler[rows, :w].to(self.device) if sampler is not None else None,
-                rollout_correction=cfg.loss.rollout_correction.mode, correction_cap=cfg.loss.rollout_correction.cap,
-                correction_low=cfg.loss.rollout_correction.low)
+            return self._policy_loss(rows, lp, ent, m, logp, adv, coef, None, sampler)  # no reference model here
 
         # rows outside the update are forwarded only when their hidden states feed the token weights
         micro = list(group_chunks(batch.group_ids, cfg.trainer.micro_batch_size)) if token_fn is not None \
@@ -371,23 +365,24 @@ class PolicyTrainer:
         total, sums = self._sum_over_ranks(total, Counter({key: sums.get(key, 0.0) for key in keys}))
         return total, self._grad_norm_after(norm), sums
 
-    def _micro_loss(self, batch, mrows, coef, scored, adv):
+    def _micro_loss(self, batch, mrows, coef, scored, adv, sampler):
         """The policy loss of one micro-batch (rows `mrows`) and its token sums."""
-        cfg = self.cfg
         logp, entropy, mask, _ = self._forward(self.engine, batch, mrows)
-        w = logp.shape[1]
+        return self._policy_loss(mrows, logp, entropy, mask, scored.logp, adv, coef, scored.ref_logp, sampler)
+
+    def _policy_loss(self, rows, logp, entropy, mask, old, adv, coef, ref, sampler):
+        """The configured policy loss of micro-batch `rows` from its forward (`logp`, `entropy`,
+        `mask`) and the whole batch's (B, T) old log-probs, advantages, loss coefficients and,
+        when used, reference and sampler log-probs (None when not)."""
+        loss, rc, w = self.cfg.loss, self.cfg.loss.rollout_correction, logp.shape[1]
 
         def take(x):  # this micro-batch's rows, trimmed to its response width
-            return x[mrows, :w].to(self.device)
-        rc = cfg.loss.rollout_correction
-        sampler = batch.sampler_logp_tensor() if rc.mode != "none" else None
+            return x[rows, :w].to(self.device) if x is not None else None
         return policy_loss(
-            logp, take(scored.logp), take(adv), take(coef), mask,
-            clip_low=cfg.loss.clip_low, clip_high=cfg.loss.clip_high, dual_clip=cfg.loss.dual_clip,
-            entropy=entropy, entropy_coef=cfg.loss.entropy_coef,
-            ref_logp=take(scored.ref_logp) if scored.ref_logp is not None else None,
-            kl_coef=cfg.loss.kl_coef, kl_type=cfg.loss.kl_type,
-            sampler_logp=take(sampler) if sampler is not None else None, rollout_correction=rc.mode,
+            logp, take(old), take(adv), take(coef), mask,
+            clip_low=loss.clip_low, clip_high=loss.clip_high, dual_clip=loss.dual_clip,
+            entropy=entropy, entropy_coef=loss.entropy_coef, ref_logp=take(ref), kl_coef=loss.kl_coef,
+            kl_type=loss.kl_type, sampler_logp=take(sampler), rollout_correction=rc.mode,
             correction_cap=rc.cap, correction_low=rc.low)
 
     @torch.no_grad()
