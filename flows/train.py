@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from resrl import interrupts
+from resrl import cores, interrupts
 from resrl.checkpoint import (MANIFEST, checkpoint_dir, list_checkpoints, load_step_metrics, policy_dir,
                               prune_checkpoints, read_manifest, resume_checkpoint, save_step_metrics, step_of,
                               write_manifest)
@@ -57,6 +57,7 @@ def train_flow(config: dict | None = None, config_file: str | None = None, overr
     """
     t_flow = time.time()
     _record_stop_signals()
+    cores.apply_from_env()  # a share handed down (a sweep lane, a worker started with RESRL_WORKER_CORES)
     if config is None:
         config = to_dict(load_config(config_file, overrides or []))
     cfg = from_dict(config)
