@@ -47,7 +47,7 @@ def run_one(algorithm: str, seed: int, base: Path, overrides: list[str]) -> dict
         print(proc.stdout[-3000:], proc.stderr[-3000:])
         raise SystemExit(f"resrl train {' '.join(args)} failed ({proc.returncode})")
     state = json.loads((rdir / "state.json").read_text())
-    client = MlflowClient(tracking_uri(cfg))
+    client = MlflowClient(tracking_uri(cfg.run))
     curve = {m.step: m.value for m in client.get_metric_history(state["mlflow_run_id"], pass_key(1))}
     k = cfg.eval.k
     final = client.get_run(state["mlflow_run_id"]).data.metrics

@@ -78,7 +78,7 @@ def main():
         import json
 
         state = json.loads((run_dir(cfg) / "state.json").read_text())
-        client = MlflowClient(tracking_uri=tracking_uri(cfg))
+        client = MlflowClient(tracking_uri=tracking_uri(cfg.run))
         m = client.get_run(state["mlflow_run_id"]).data.metrics
         parts = {name: m[f"time/total_{name}_s"] for name in ("prepare", "engine_start", "rollout", "update", "eval")}
         in_flow = m["time/flow_s"]

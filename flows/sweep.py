@@ -101,13 +101,13 @@ def _slot(limit: str | None, logger):
         yield
 
 
-def _read_from_server(cfg, key: str, read, on_missing):
-    """(name, what `read(client, name)` returns) for the name config `key` gives, looked up on the
+def _read_from_server(run_cfg, key: str, read, on_missing):
+    """(name, what `read(client, name)` returns) for the name the `run` section's `key` gives, looked up on the
     Prefect server PREFECT_API_URL names (not Prefect's temporary one). None when the key is null or
     no server is named; None after `on_missing(name)` when the server has no such object."""
     from omegaconf import OmegaConf
 
-    name = OmegaConf.select(cfg, key)
+    name = OmegaConf.select(run_cfg, key)
     if not name or not os.environ.get("PREFECT_API_URL"):
         return None
     from prefect.client.orchestration import get_client
@@ -121,12 +121,12 @@ def _read_from_server(cfg, key: str, read, on_missing):
             return None
 
 
-def slot_limit_for(cfg, logger) -> str | None:
-    """The global concurrency limit lanes take slots from: run.concurrency_limit, when
+def slot_limit_for(run_cfg, logger) -> str | None:
+    """The global concurrency limit lanes take slots from: the `run` section's concurrency_limit, when
     PREFECT_API_URL names a server and the limit exists there (infra/deploy.sh creates it);
     otherwise None, said in the log."""
     found = _read_from_server(
-        cfg, "run.concurrency_limit", lambda client, name: client.read_global_concurrency_limit_by_name(name),
+        run_cfg, "concurrency_limit", lambda client, name: client.read_global_concurrency_limit_by_name(name),
         lambda name: logger.warning("no global concurrency limit '%s' on %s (bash infra/deploy.sh creates it): "
                                     "points train without one", name, os.environ["PREFECT_API_URL"]))
     if found is None:
@@ -207,12 +207,12 @@ def sweep_flow(sweep_file: str, overrides: list[str] | None = None) -> dict:
 
     logger = get_run_logger()
     sweep = load_sweep(sweep_file, overrides or [])
-    cfg0 = sweep.points[0].cfg
-    stores = {tracking.tracking_uri(p.cfg) for p in sweep.points}
+    run_cfg = sweep.points[0].cfg.run  # the store (one for all points) and the report's output_dir
+    stores = {tracking.tracking_uri(p.cfg.run) for p in sweep.points}
     if len(stores) > 1:
         raise ConfigError(f"all points of a sweep must log to one MLflow store, got {sorted(stores)}")
     # Create the store (and its schema) once, before parallel runs touch it.
-    parent_id = start_or_resume_sweep_run(cfg0, sweep.sweep_id, sweep.spec)
+    parent_id = start_or_resume_sweep_run(run_cfg, sweep.sweep_id, sweep.spec)
     logger.info("sweep %s: %d points, concurrency %d, MLflow parent run %s", sweep.sweep_id, len(sweep.points),
                 sweep.concurrency, parent_id)
 
@@ -226,7 +226,7 @@ def sweep_flow(sweep_file: str, overrides: list[str] | None = None) -> dict:
             pending.append(p)
     configs = [_point_config(p, sweep.sweep_id, parent_id) for p in pending]
     progress = Progress(sweep.sweep_id, len(sweep.points), len(sweep.points) - len(pending), logger)
-    deployment = pool_deployment(cfg0, logger) if pending else None
+    deployment = pool_deployment(run_cfg, logger) if pending else None
     if deployment:  # every worker of the pool takes points
         ended = _train_on_pool(deployment, pending, configs, sweep.sweep_id, progress, logger)
         for p in pending:
@@ -237,16 +237,17 @@ def sweep_flow(sweep_file: str, overrides: list[str] | None = None) -> dict:
 
     swept = list(dict.fromkeys(k for p in sweep.points for k in p.overrides))
     points = [_point_record(p, swept, status[p.key]) for p in sweep.points]
-    log_points(cfg0, parent_id, points)
-    report = make_report(cfg0, sweep.sweep_id, parent_id, logger)
+    log_points(run_cfg, parent_id, points)
+    report = make_report(run_cfg, sweep.sweep_id, parent_id, logger)
     try:
         create_markdown_artifact(report["markdown"], key="sweep-report", description=f"Sweep {sweep.sweep_id}")
     except Exception as exc:  # noqa: BLE001 - the report is in MLflow and on disk already
         logger.warning("sweep %s: the report's Prefect artifact was not created (%s)", sweep.sweep_id, exc)
     finished = sum(s == "finished" for s in status.values())
-    tracking.finish_run(cfg0, parent_id, status="FINISHED" if finished == len(points) else "FAILED")
+    tracking.finish_run(run_cfg, parent_id, status="FINISHED" if finished == len(points) else "FAILED")
     return {"sweep_id": sweep.sweep_id, "parent_run_id": parent_id, "points": points,
-            "report_dir": report["dir"], "report_error": report["error"], "tracking_uri": tracking.tracking_uri(cfg0)}
+            "report_dir": report["dir"], "report_error": report["error"],
+            "tracking_uri": tracking.tracking_uri(run_cfg)}
 
 
 def _train_in_lanes(sweep, pending: list, configs: list[dict], status: dict, progress, logger) -> None:
@@ -258,7 +259,7 @@ def _train_in_lanes(sweep, pending: list, configs: list[dict], status: dict, pro
     child_env = {"PREFECT_API_URL": str(get_client(sync_client=True).api_url).rstrip("/"),
                  SWEEP_PID_ENV: str(os.getpid())}
     claims = Path(tempfile.mkdtemp(prefix=f"resrl-{sweep.sweep_id}-"))
-    slot_limit = slot_limit_for(sweep.points[0].cfg, logger) if pending else None
+    slot_limit = slot_limit_for(sweep.points[0].cfg.run, logger) if pending else None
     n_lanes = min(sweep.concurrency, len(pending))
     lanes = []
     for i in range(n_lanes):
@@ -308,12 +309,12 @@ def stop_lanes(lanes: list, logger, grace_s: float = LANE_STOP_GRACE_S) -> None:
                 lane.join()
 
 
-def pool_deployment(cfg, logger) -> str | None:
-    """The deployment to submit a sweep's points to (run.sweep_deployment, `resrl-train/train`):
+def pool_deployment(run_cfg, logger) -> str | None:
+    """The deployment to submit a sweep's points to (the `run` section's sweep_deployment, `resrl-train/train`):
     when PREFECT_API_URL names a server, the deployment is there and its work pool has a worker
     online. Otherwise None (the points train in lanes here), said in the log."""
     found = _read_from_server(
-        cfg, "run.sweep_deployment", lambda client, name: client.read_deployment_by_name(name),
+        run_cfg, "sweep_deployment", lambda client, name: client.read_deployment_by_name(name),
         lambda name: logger.info("no deployment %s on the server (bash infra/deploy.sh): points train in lanes "
                                  "here", name))
     if found is None:
@@ -373,15 +374,16 @@ def _train_on_pool(deployment: str, pending: list, configs: list[dict], sweep_id
     return ended
 
 
-def make_report(cfg, sweep_id: str, parent_id: str, logger) -> dict:
-    """The sweep's report, never fatal to the sweep: an error is logged on the parent MLflow run
-    (`resrl.report=failed` + `resrl.report_error`) and said in the log, and the sweep's outcome is
-    that of its points. Returns {"dir", "markdown", "error"} ("dir" None when nothing was written)."""
+def make_report(run_cfg, sweep_id: str, parent_id: str, logger) -> dict:
+    """The sweep's report (from and to the `run` section's store and output_dir), never fatal to the
+    sweep: an error is logged on the parent MLflow run (`resrl.report=failed` + `resrl.report_error`)
+    and said in the log, and the sweep's outcome is that of its points. Returns {"dir", "markdown",
+    "error"} ("dir" None when nothing was written)."""
     try:
-        report = build_report(cfg, sweep_id)
+        report = build_report(run_cfg, sweep_id)
     except Exception as exc:  # noqa: BLE001 - the points' runs are done; the report can be rebuilt
         try:
-            error = report_failed(cfg, parent_id, exc)
+            error = report_failed(run_cfg, parent_id, exc)
         except Exception:  # noqa: BLE001 - the store itself is the problem: say so in the log
             error = f"{type(exc).__name__}: {exc}"
         logger.error("sweep %s: the report failed (%s); the points are unaffected. Rebuild it with "
@@ -392,7 +394,7 @@ def make_report(cfg, sweep_id: str, parent_id: str, logger) -> dict:
     if report["errors"]:
         logger.warning("sweep %s: report parts failed: %s", sweep_id, "; ".join(report["errors"]))
     try:
-        best = register_best(cfg, report, sweep_id)
+        best = register_best(run_cfg, report, sweep_id)
         if best:
             logger.info("sweep %s: best point %s (%s %.3f) registered as models:/%s@best, version %s", sweep_id,
                         best["run_name"], report["headline"], best["value"], best["name"], best["version"])
@@ -413,7 +415,7 @@ def _finished(point: SweepPoint) -> bool:
 def _store_run(point: SweepPoint, finished: bool = False):
     """The newest MLflow run of this point's config (tag resrl.config_hash), FINISHED ones only with `finished`."""
     query = f"tags.`resrl.config_hash` = '{point.key}'" + (" and attributes.status = 'FINISHED'" if finished else "")
-    found = tracking.search_runs(point.cfg, query, order_by=["attributes.start_time DESC"])
+    found = tracking.search_runs(point.cfg.run, query, order_by=["attributes.start_time DESC"])
     return found[0] if found else None
 
 

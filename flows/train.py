@@ -63,7 +63,7 @@ def train_flow(config: dict | None = None, config_file: str | None = None, overr
     cfg = from_dict(config)
     validate(cfg)
     rdir = run_dir(cfg)
-    tracking.check_writable_folders(cfg)  # an unwritable output, cache or artifact folder: one line, now
+    tracking.check_writable_folders(cfg.run)  # an unwritable output, cache or artifact folder: one line, now
     with writing(), run_lock(rdir):  # one owner per run folder: a second start of the same run refuses
         return _run(cfg, config, rdir, t_flow)
 
@@ -93,7 +93,7 @@ def _run(cfg, config: dict, rdir: Path, t_flow: float) -> dict:
     logger = get_run_logger()
     state = _open_state(cfg, rdir, logger)
     (rdir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-    uri = tracking.tracking_uri(cfg)
+    uri = tracking.tracking_uri(cfg.run)
     if state.finished:
         logger.info("Run %s already finished; nothing to do (MLflow run %s).", rdir, state.mlflow_run_id)
         return {"run_dir": str(rdir), "mlflow_run_id": state.mlflow_run_id, "tracking_uri": uri,
@@ -104,8 +104,8 @@ def _run(cfg, config: dict, rdir: Path, t_flow: float) -> dict:
     if state.mlflow_run_id is not None:
         logger.info("Resuming %s from step %d (MLflow run %s).", rdir, state.step, state.mlflow_run_id)
     run_id = tracking.start_or_resume_run(cfg, state, rdir, flow_run_id=str(flow_run.id) if flow_run.id else "none")
-    tracking.announce_run(cfg, run_id)
-    monitor = tracking.start_system_metrics(cfg, run_id)  # system/* every 10 s (run.system_metrics)
+    tracking.announce_run(cfg.run, run_id)
+    monitor = tracking.start_system_metrics(cfg.run, run_id)  # system/* every 10 s (run.system_metrics)
     try:
         result = _train(_Run(cfg, config, rdir, state, run_id, logger))
         total = time.time() - t_flow
@@ -113,22 +113,22 @@ def _run(cfg, config: dict, rdir: Path, t_flow: float) -> dict:
         summary_metrics = {f"time/total_{k}_s": v for k, v in timings.items()}
         summary_metrics["time/flow_s"] = total
         summary_metrics["sys/peak_rss_gb"] = _peak_rss_gb()
-        tracking.log_metrics(cfg, run_id, summary_metrics, cfg.trainer.steps)
+        tracking.log_metrics(cfg.run, run_id, summary_metrics, cfg.trainer.steps)
         tracking.flush()  # every step's metrics stored before the run is FINISHED
         tracking.stop_system_metrics(monitor)
         interrupts.check()  # a stop that came after the last check is not lost: the run is KILLED, not FINISHED
         with interrupts.deferred():  # from here a stop is recorded (the CLI then exits non-zero), not half-done
-            tracking.finish_run(cfg, run_id)
+            tracking.finish_run(cfg.run, run_id)
             state.finished = True
             state.save(rdir)
     except BaseException as exc:
         with interrupts.deferred():  # a second signal must not leave the run RUNNING
             _flush_quietly(logger)
             tracking.stop_system_metrics(monitor)
-            status = tracking.fail_run(cfg, run_id, exc)
+            status = tracking.fail_run(cfg.run, run_id, exc)
         # said here, where it happens (not by the caller, which cannot tell whether the run got this far)
         logger.error("MLflow run %s is marked %s (tag resrl.error); running the same config again continues "
-                     "in that run. See: %s", run_id, status, tracking.run_url_hint(cfg))
+                     "in that run. See: %s", run_id, status, tracking.run_url_hint(cfg.run))
         raise
     finally:
         tracking.stop_system_metrics(monitor)  # (stopped already, unless something above raised first)
@@ -181,7 +181,7 @@ def _recover_state(cfg, rdir: Path, chash: str, logger) -> None:
                               f"{manifest['config_hash']}, now {chash}); set run.name to a new name")
         step, run_id = step_of(ckpt), manifest.get("mlflow_run_id")
     if run_id is None:
-        run_id = tracking.find_run_for_folder(cfg, rdir)
+        run_id = tracking.find_run_for_folder(cfg.run, rdir)
     if run_id is None and not committed:
         return  # nothing of this run was committed or reached MLflow: starting afresh loses nothing
     if run_id is None:
@@ -189,7 +189,7 @@ def _recover_state(cfg, rdir: Path, chash: str, logger) -> None:
                         "checkpoint nor MLflow names its run; restore state.json, or delete the folder (or set "
                         "run.name) to train the run again")
     state = RunState(config_hash=chash, step=step, mlflow_run_id=run_id)
-    state.finished = step == cfg.trainer.steps and tracking.run_status(cfg, run_id) == "FINISHED"
+    state.finished = step == cfg.trainer.steps and tracking.run_status(cfg.run, run_id) == "FINISHED"
     state.save(rdir)
     logger.warning("run folder %s had no state.json: recovered at step %d, MLflow run %s%s", rdir, step, run_id,
                    " (finished)" if state.finished else "")
@@ -204,13 +204,13 @@ def _train(run: _Run) -> dict:
     run.logger.info("policy: %s (warm-start %s)", prepared["policy_dir"],
                     {None: "off", True: "reused from cache", False: "trained now"}[prepared["warmstart_reused"]])
     if not state.data_logged and state.step == 0 and not state.evaluated:  # once per run, also across resumes
-        if not tracking.logged_steps(cfg, run.run_id, next(iter(prepared["metrics"]))):  # (unless logged, then killed)
-            tracking.log_metrics(cfg, run.run_id, prepared["metrics"], 0)
+        if not tracking.logged_steps(cfg.run, run.run_id, next(iter(prepared["metrics"]))):  # (unless logged, killed)
+            tracking.log_metrics(cfg.run, run.run_id, prepared["metrics"], 0)
             tracking.log_datasets(cfg, run.run_id, prepared["dataset_dir"])  # the train/test inputs
         state.data_logged = True
         state.save(run.rdir)
     if state.step > 0:  # the last commit's metrics, if an interruption kept them from MLflow
-        tracking.log_step_metrics(cfg, run.run_id, load_step_metrics(checkpoint_dir(run.rdir, state.step)),
+        tracking.log_step_metrics(cfg.run, run.run_id, load_step_metrics(checkpoint_dir(run.rdir, state.step)),
                                   only_missing=True)
 
     steps = cfg.trainer.steps
@@ -259,7 +259,7 @@ def _rl_step(run: _Run, prepared: dict, step: int) -> dict:
         run.state.step = step
         run.state.save(run.rdir)  # the commit
         # only_missing: a step redone after a resume fell back past a damaged checkpoint is in MLflow already
-        tracking.log_step_metrics(cfg, run.run_id, run.uncommitted, only_missing=True, synchronous=False)
+        tracking.log_step_metrics(cfg.run, run.run_id, run.uncommitted, only_missing=True, synchronous=False)
         run.uncommitted = []
         prune_checkpoints(run.rdir, cfg.run.keep_checkpoints, committed=step)
     return metrics
@@ -270,14 +270,14 @@ def _evaluate(run: _Run, prepared: dict, step: int) -> dict:
     in the run's state. An evaluation whose metrics are in MLflow already (an interruption came
     before the state was saved) is only recorded, not repeated."""
     cfg = run.cfg
-    if step in tracking.logged_steps(cfg, run.run_id, pass_key(1)):
+    if step in tracking.logged_steps(cfg.run, run.run_id, pass_key(1)):
         run.state.evaluated = sorted(set(run.state.evaluated) | {step})
         run.state.save(run.rdir)
         return {}
     result = evaluate_policy(run.config, prepared, step, final=step == cfg.trainer.steps)
-    tracking.log_eval_files(cfg, run.run_id, Path(result["samples_file"]), Path(result["plot_file"]),
+    tracking.log_eval_files(cfg.run, run.run_id, Path(result["samples_file"]), Path(result["plot_file"]),
                             artifact_dir=f"eval/{Path(result['dir']).name}")
-    tracking.log_metrics(cfg, run.run_id, result["metrics"], step)
+    tracking.log_metrics(cfg.run, run.run_id, result["metrics"], step)
     run.state.evaluated = sorted(set(run.state.evaluated) | {step})
     run.state.save(run.rdir)
     m = result["metrics"]

@@ -152,9 +152,9 @@ def _train_rank0(args, cfg) -> int:
     from tasks.tracking import check_writable_folders, open_store, run_url_hint, tracking_uri
 
     rdir = run_dir(cfg)
-    check_writable_folders(cfg)  # before the store, the Prefect server and any data preparation
-    open_store(cfg)  # an unreachable tracking server fails now, in seconds, before any data preparation
-    print(f"resrl: run folder {rdir}  |  MLflow store {tracking_uri(cfg)}", flush=True)
+    check_writable_folders(cfg.run)  # before the store, the Prefect server and any data preparation
+    open_store(cfg.run)  # an unreachable tracking server fails now, in seconds, before any data preparation
+    print(f"resrl: run folder {rdir}  |  MLflow store {tracking_uri(cfg.run)}", flush=True)
     _own_temporary_prefect_server()
     from resrl import interrupts
 
@@ -192,7 +192,7 @@ def _train_rank0(args, cfg) -> int:
               + f" | peak RSS {result['peak_rss_gb']:.2f} GB")
     print(f"run folder:    {result['run_dir']}")
     print(f"MLflow run:    {result['mlflow_run_id']}  (store: {result['tracking_uri']})")
-    print(f"see it with:   {run_url_hint(cfg, result['mlflow_run_id'])}")
+    print(f"see it with:   {run_url_hint(cfg.run, result['mlflow_run_id'])}")
     return 0
 
 
@@ -202,8 +202,8 @@ def _sweep(args) -> int:
     from tasks.tracking import check_writable_folders, open_store, run_url_hint
 
     sweep = load_sweep(args.config, args.overrides)  # checks every point before anything starts
-    check_writable_folders(sweep.points[0].cfg)
-    open_store(sweep.points[0].cfg)  # an unreachable server fails now; a new SQLite store is created once
+    check_writable_folders(sweep.points[0].cfg.run)
+    open_store(sweep.points[0].cfg.run)  # an unreachable server fails now; a new SQLite store is created once
     print(f"resrl: sweep {sweep.sweep_id}: {len(sweep.points)} points, concurrency {sweep.concurrency}", flush=True)
     result = sweep_flow(sweep_file=args.config, overrides=args.overrides)
     print()
@@ -215,7 +215,7 @@ def _sweep(args) -> int:
         print(f"report:        {result['report_dir']}/report.md"
               + (f"  (parts failed: {result['report_error']})" if result["report_error"] else ""))
     print(f"MLflow parent: {result['parent_run_id']}  (store: {result['tracking_uri']})")
-    print(f"see it with:   {run_url_hint(sweep.points[0].cfg)}")
+    print(f"see it with:   {run_url_hint(sweep.points[0].cfg.run)}")
     print(f"rebuild with:  resrl compare {result['sweep_id']}" + (f" --config {args.config}" if args.config else ""))
     return 0 if all(p["status"] == "finished" for p in result["points"]) else 1
 
@@ -233,7 +233,7 @@ def _compare(args) -> int:
         cfg = load_sweep(args.config, args.overrides).points[0].cfg  # a sweep file: use its store
     else:
         cfg = load_config(args.config, args.overrides)
-    report = build_report(cfg, args.sweep_id)
+    report = build_report(cfg.run, args.sweep_id)
     print(report["markdown"])
     print(f"written to {report['dir']}")
     return 0

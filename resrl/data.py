@@ -291,14 +291,15 @@ def format_prompt(row: dict, data_cfg, tokenizer) -> str:
     return data_cfg.prompt_template.format(question=row["question"])
 
 
-def usable_rows(rows, cfg, tokenizer, summary: PrepSummary):
-    """Prepared rows in order, over-long prompts dropped or truncated (data.overlong_prompts)."""
-    limit = cfg.data.max_prompt_tokens
+def usable_rows(rows, data_cfg, tokenizer, summary: PrepSummary):
+    """Prepared rows in order, over-long prompts (over the `data` section's max_prompt_tokens)
+    dropped or truncated (its overlong_prompts)."""
+    limit = data_cfg.max_prompt_tokens
     for row in rows:
-        prompt = format_prompt(row, cfg.data, tokenizer)
+        prompt = format_prompt(row, data_cfg, tokenizer)
         ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         if len(ids) > limit:
-            if cfg.data.overlong_prompts == "drop":
+            if data_cfg.overlong_prompts == "drop":
                 summary.skipped["overlong_prompt"] += 1
                 continue
             ids = ids[-limit:]
@@ -353,11 +354,11 @@ def prepare_dataset(cfg, tokenizer, out_dir: Path) -> PrepSummary:
     if splits["test"] is None:  # one split: hold out the first usable rows of a seeded shuffle
         pool = list(splits["train"])
         random.Random(cfg.base_seed + 1).shuffle(pool)
-        usable = usable_rows(pool, cfg, tokenizer, summary)
+        usable = usable_rows(pool, d, tokenizer, summary)
         prepared = {"test": list(itertools.islice(usable, d.num_test))}
         prepared["train"] = list(itertools.islice(usable, d.num_train))
     else:
-        prepared = {split: list(itertools.islice(usable_rows(_shuffled(splits[split], n, cfg.base_seed), cfg,
+        prepared = {split: list(itertools.islice(usable_rows(_shuffled(splits[split], n, cfg.base_seed), d,
                                                              tokenizer, summary), n))
                     for split, n in (("train", d.num_train), ("test", d.num_test))}
     dd = {}

@@ -24,25 +24,27 @@ SPEC_FILE = "sweep.yaml"
 POINTS_FILE = "points.json"
 
 
-def find_sweep_run(cfg, sweep_id: str) -> str | None:
-    found = tracking.search_runs(cfg, f"tags.`resrl.sweep_id` = '{sweep_id}' and tags.`resrl.role` = 'sweep'")
+def find_sweep_run(run_cfg, sweep_id: str) -> str | None:
+    """The id of sweep `sweep_id`'s parent MLflow run in the `run` section's experiment, or None."""
+    found = tracking.search_runs(run_cfg, f"tags.`resrl.sweep_id` = '{sweep_id}' and tags.`resrl.role` = 'sweep'")
     return found[0].info.run_id if found else None
 
 
-def start_or_resume_sweep_run(cfg, sweep_id: str, spec: dict) -> str:
-    """The sweep's parent MLflow run: found by its sweep id, else created; given the sweep file."""
-    tracking.ensure_experiment(cfg)
-    run_id = find_sweep_run(cfg, sweep_id)
+def start_or_resume_sweep_run(run_cfg, sweep_id: str, spec: dict) -> str:
+    """The sweep's parent MLflow run (in the store the `run` section names): found by its sweep id,
+    else created; given the sweep file."""
+    tracking.ensure_experiment(run_cfg)
+    run_id = find_sweep_run(run_cfg, sweep_id)
     if run_id is None:
-        run_id = tracking.start_run(cfg, sweep_id, tags={"resrl.sweep_id": sweep_id, "resrl.role": "sweep"})
+        run_id = tracking.start_run(run_cfg, sweep_id, tags={"resrl.sweep_id": sweep_id, "resrl.role": "sweep"})
     # written again on every start: the same points with new report settings re-report, nothing retrains
-    tracking.client_for(cfg).log_text(run_id, yaml.safe_dump(spec, sort_keys=False), SPEC_FILE)
+    tracking.client_for(run_cfg).log_text(run_id, yaml.safe_dump(spec, sort_keys=False), SPEC_FILE)
     return run_id
 
 
-def log_points(cfg, run_id: str, points: list[dict]) -> None:
+def log_points(run_cfg, run_id: str, points: list[dict]) -> None:
     """The sweep's points (swept values, run name, MLflow run id, status) on its parent run."""
-    tracking.client_for(cfg).log_text(run_id, json.dumps(points, indent=1), POINTS_FILE)
+    tracking.client_for(run_cfg).log_text(run_id, json.dumps(points, indent=1), POINTS_FILE)
 
 
 def final_eval_metrics(metrics: dict[str, float]) -> dict[str, float]:
@@ -64,14 +66,15 @@ def final_eval_metrics(metrics: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def sweep_runs(cfg, sweep_id: str) -> tuple[str, pd.DataFrame, dict, list[str]]:
+def sweep_runs(run_cfg, sweep_id: str) -> tuple[str, pd.DataFrame, dict, list[str]]:
     """Parent run id, one row per point (params of the swept keys + final eval metrics), the spec,
-    and the swept keys (as recorded in points.json, in the order the sweep file gives them)."""
-    client = tracking.client_for(cfg)
-    parent = find_sweep_run(cfg, sweep_id)
+    and the swept keys (as recorded in points.json, in the order the sweep file gives them), read
+    from the store the `run` section names."""
+    client = tracking.client_for(run_cfg)
+    parent = find_sweep_run(run_cfg, sweep_id)
     if parent is None:
-        raise ConfigError(f"no sweep '{sweep_id}' in the MLflow store {tracking.tracking_uri(cfg)} "
-                          f"(experiment '{cfg.run.experiment}')")
+        raise ConfigError(f"no sweep '{sweep_id}' in the MLflow store {tracking.tracking_uri(run_cfg)} "
+                          f"(experiment '{run_cfg.experiment}')")
     with tempfile.TemporaryDirectory() as tmp:
         points = json.loads(Path(client.download_artifacts(parent, POINTS_FILE, tmp)).read_text())
         spec = yaml.safe_load(Path(client.download_artifacts(parent, SPEC_FILE, tmp)).read_text())
@@ -106,22 +109,23 @@ REPORT_TAG = "resrl.report"              # complete | partial (some parts failed
 REPORT_ERROR_TAG = "resrl.report_error"  # what failed, when something did
 
 
-def build_report(cfg, sweep_id: str) -> dict:
-    """Write the comparison report from MLflow data and log it to the sweep's parent run.
+def build_report(run_cfg, sweep_id: str) -> dict:
+    """Write the comparison report from MLflow data (the `run` section's store) under
+    run.output_dir/sweeps/<sweep_id> and log it to the sweep's parent run.
 
     A part of the report that fails (a plot, the paired table) leaves the others written; the
     parent run is tagged `resrl.report` = complete or partial, with the failed parts in
     `resrl.report_error`. An error before any part is written (the store unreadable) raises:
     the sweep marks the report failed (`report_failed`)."""
-    parent, runs, spec, swept = sweep_runs(cfg, sweep_id)
+    parent, runs, spec, swept = sweep_runs(run_cfg, sweep_id)
     group_keys = [k for k in swept if k != "seed" and k in runs.columns]
     settings = report_settings(spec)
-    out = Path(cfg.run.output_dir) / "sweeps" / sweep_id
+    out = Path(run_cfg.output_dir) / "sweeps" / sweep_id
     errors: dict[str, str] = {}
     files = write_report(runs, out, sweep_id=sweep_id, group_keys=group_keys, headline=settings.headline,
                          heatmap=settings.heatmap, reference=settings.reference, primary=settings.primary,
                          errors=errors)
-    client = tracking.client_for(cfg)
+    client = tracking.client_for(run_cfg)
     for path in files.values():
         client.log_artifact(parent, str(path), artifact_path="report")
     client.set_tag(parent, REPORT_TAG, "partial" if errors else "complete")
@@ -133,11 +137,12 @@ def build_report(cfg, sweep_id: str) -> dict:
             "parent": parent, "runs": runs, "group_keys": group_keys, "headline": settings.headline, "spec": spec}
 
 
-def register_best(cfg, report: dict, sweep_id: str) -> dict | None:
+def register_best(run_cfg, report: dict, sweep_id: str) -> dict | None:
     """Register the best point's final policy (resrl.report.best_point on the headline metric) in
-    the Model Registry under the sweep's `register` name with the alias `best`, and tag the parent
-    run with it. Returns {"name", "version", "run_name", "value"}, or None when nothing is registered
-    (`register: null`, no finished point with the metric, or the point logged no model)."""
+    the Model Registry of the `run` section's store under the sweep's `register` name with the
+    alias `best`, and tag the parent run with it. Returns {"name", "version", "run_name", "value"},
+    or None when nothing is registered (`register: null`, no finished point with the metric, or the
+    point logged no model)."""
     from resrl.report import best_point
     from resrl.sweep import registry_name
 
@@ -145,19 +150,19 @@ def register_best(cfg, report: dict, sweep_id: str) -> dict | None:
     best = best_point(report["runs"], report["group_keys"], report["headline"]) if name else None
     if best is None or not best.get("mlflow_run_id"):
         return None
-    version = tracking.register_model(cfg, name, best["mlflow_run_id"], alias="best")
+    version = tracking.register_model(run_cfg, name, best["mlflow_run_id"], alias="best")
     if version is None:
         return None
-    client = tracking.client_for(cfg)
+    client = tracking.client_for(run_cfg)
     client.set_tag(report["parent"], "resrl.best_model", f"models:/{name}@best (version {version}, {best['run_name']})")
     return {"name": name, "version": version, "run_name": best["run_name"], "value": best[report["headline"]]}
 
 
-def report_failed(cfg, parent_run_id: str, exc: BaseException) -> str:
+def report_failed(run_cfg, parent_run_id: str, exc: BaseException) -> str:
     """Tag the sweep's parent run with a failed report (`resrl.report=failed`, the error in
     `resrl.report_error`); returns the error as one line. The sweep itself is not failed by it."""
     error = f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:4000]
-    client = tracking.client_for(cfg)
+    client = tracking.client_for(run_cfg)
     client.set_tag(parent_run_id, REPORT_TAG, "failed")
     client.set_tag(parent_run_id, REPORT_ERROR_TAG, error)
     return error

@@ -1,5 +1,10 @@
 """MLflow bookkeeping: where the store is, one run per training flow run.
 
+It holds no Prefect tasks: it is the MLflow layer that tasks/report.py, the flows and the CLI share,
+kept here because resrl/ must import without MLflow (tests/test_imports.py). Functions take the
+config's `run` section (the store and the experiment); the few that read other sections too take
+the whole config.
+
 Everything goes through `MlflowClient` with explicit run ids (no global "active
 run"), so several runs can log from one process without stepping on each other.
 """
@@ -27,17 +32,18 @@ MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 
 
-def tracking_uri(cfg) -> str:
-    """run.tracking_uri, else $MLFLOW_TRACKING_URI, else an SQLite store in run.output_dir."""
-    if cfg.run.tracking_uri:
-        return cfg.run.tracking_uri
+def tracking_uri(run_cfg) -> str:
+    """The `run` section's tracking_uri, else $MLFLOW_TRACKING_URI, else an SQLite store in run.output_dir."""
+    if run_cfg.tracking_uri:
+        return run_cfg.tracking_uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    return f"sqlite:///{Path(cfg.run.output_dir).resolve() / 'mlflow.db'}"
+    return f"sqlite:///{Path(run_cfg.output_dir).resolve() / 'mlflow.db'}"
 
 
-def local_artifact_root(cfg) -> str:
-    return str(Path(cfg.run.output_dir).resolve() / "mlartifacts")
+def local_artifact_root(run_cfg) -> str:
+    """Where a local store keeps artifacts: `mlartifacts` in the `run` section's output_dir."""
+    return str(Path(run_cfg.output_dir).resolve() / "mlartifacts")
 
 
 def is_local_store(uri: str) -> bool:
@@ -51,8 +57,8 @@ class TrackingUnreachable(UserError):
 _OPENED: set[str] = set()  # stores this process has checked (and, for SQLite, created)
 
 
-def open_store(cfg) -> str:
-    """Check the store once per process, in seconds, before any heavy work; returns its URI.
+def open_store(run_cfg) -> str:
+    """Check the `run` section's store once per process, in seconds, before any heavy work; returns its URI.
 
     - a tracking server must answer a short request (MLflow's own client retries for
       minutes before it gives up on an unreachable server);
@@ -60,7 +66,7 @@ def open_store(cfg) -> str:
       crashes when several processes run it at once (parallel runs, sweeps)."""
     from mlflow.tracking import MlflowClient
 
-    uri = tracking_uri(cfg)
+    uri = tracking_uri(run_cfg)
     if uri in _OPENED:
         return uri
     if uri.startswith(("http://", "https://")):
@@ -74,18 +80,18 @@ def open_store(cfg) -> str:
     return uri
 
 
-def check_writable_folders(cfg) -> None:
-    """run.output_dir, run.cache_dir and (local store) the MLflow store's folders: NotWritable now,
-    naming the folder, rather than a traceback in the middle of the run."""
+def check_writable_folders(run_cfg) -> None:
+    """The `run` section's output_dir, cache_dir and (local store) the MLflow store's folders:
+    NotWritable now, naming the folder, rather than a traceback in the middle of the run."""
     from resrl.errors import check_writable
 
-    check_writable(cfg.run.output_dir, "run.output_dir")
-    check_writable(cfg.run.cache_dir, "run.cache_dir")
-    uri = tracking_uri(cfg)
+    check_writable(run_cfg.output_dir, "run.output_dir")
+    check_writable(run_cfg.cache_dir, "run.cache_dir")
+    uri = tracking_uri(run_cfg)
     if uri.startswith("sqlite:///"):
         check_writable(Path(uri[len("sqlite:///"):]).parent, "the MLflow store's folder")
     if is_local_store(uri):
-        check_writable(local_artifact_root(cfg), "the MLflow artifact folder")
+        check_writable(local_artifact_root(run_cfg), "the MLflow artifact folder")
 
 
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
@@ -109,38 +115,41 @@ def file_lock(path: Path):
         yield
 
 
-def client_for(cfg):
+def client_for(run_cfg):
+    """An MlflowClient on the `run` section's store (opened first: `open_store`)."""
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=open_store(cfg))
+    return MlflowClient(tracking_uri=open_store(run_cfg))
 
 
-def ensure_experiment(cfg) -> str:
-    """Experiment id for run.experiment; created (with a pinned artifact root for local stores) if needed.
+def ensure_experiment(run_cfg) -> str:
+    """Experiment id for the `run` section's experiment; created (with a pinned artifact root for
+    local stores) if needed.
 
     It is tagged as MLflow's "custom model development" kind (the UI asks otherwise).
     """
-    client = client_for(cfg)
-    exp = client.get_experiment_by_name(cfg.run.experiment)
+    client = client_for(run_cfg)
+    exp = client.get_experiment_by_name(run_cfg.experiment)
     if exp is None:
         location = None
-        if is_local_store(tracking_uri(cfg)):
-            location = Path(local_artifact_root(cfg)).as_uri()
+        if is_local_store(tracking_uri(run_cfg)):
+            location = Path(local_artifact_root(run_cfg)).as_uri()
         try:
-            client.create_experiment(cfg.run.experiment, artifact_location=location, tags=EXPERIMENT_TAGS)
+            client.create_experiment(run_cfg.experiment, artifact_location=location, tags=EXPERIMENT_TAGS)
         except Exception:  # created concurrently by another process
-            if client.get_experiment_by_name(cfg.run.experiment) is None:
+            if client.get_experiment_by_name(run_cfg.experiment) is None:
                 raise
-        exp = client.get_experiment_by_name(cfg.run.experiment)
+        exp = client.get_experiment_by_name(run_cfg.experiment)
     for key, value in EXPERIMENT_TAGS.items():  # also on experiments created before the tag was set
         if exp.tags.get(key) != value:
             client.set_experiment_tag(exp.experiment_id, key, value)
     return exp.experiment_id
 
 
-def start_run(cfg, run_name: str, tags: dict[str, str], parent_run_id: str | None = None) -> str:
-    client = client_for(cfg)
-    exp_id = ensure_experiment(cfg)
+def start_run(run_cfg, run_name: str, tags: dict[str, str], parent_run_id: str | None = None) -> str:
+    """A new MLflow run in the `run` section's experiment (nested under `parent_run_id` if given); its id."""
+    client = client_for(run_cfg)
+    exp_id = ensure_experiment(run_cfg)
     all_tags = dict(tags)
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
@@ -148,17 +157,19 @@ def start_run(cfg, run_name: str, tags: dict[str, str], parent_run_id: str | Non
     return run.info.run_id
 
 
-def search_runs(cfg, filter_string: str, order_by: list[str] | None = None) -> list:
-    """Runs of run.experiment matching an MLflow filter; none when the experiment does not exist yet."""
-    client = client_for(cfg)
-    exp = client.get_experiment_by_name(cfg.run.experiment)
+def search_runs(run_cfg, filter_string: str, order_by: list[str] | None = None) -> list:
+    """Runs of the `run` section's experiment matching an MLflow filter; none when the experiment
+    does not exist yet."""
+    client = client_for(run_cfg)
+    exp = client.get_experiment_by_name(run_cfg.experiment)
     return client.search_runs([exp.experiment_id], filter_string=filter_string, order_by=order_by) if exp else []
 
 
 def log_config_params(cfg, run_id: str) -> None:
+    """Every key of the whole config as a run param (values cut to MLflow's length limit)."""
     from mlflow.entities import Param
 
-    client = client_for(cfg)
+    client = client_for(cfg.run)
     params = [Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in sorted(flatten(cfg).items())]
     for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
         client.log_batch(run_id, params=params[i:i + 100])
@@ -168,9 +179,10 @@ _PENDING: list = []  # this process's asynchronous log calls not yet known to be
 NONFINITE_SUFFIX = "_nonfinite"
 
 
-def log_metrics(cfg, run_id: str, metrics: dict[str, float], step: int, synchronous: bool = True) -> None:
-    """Metrics at `step`. MLflow drops NaN silently (a chart just lacks the point): a value that is
-    NaN or infinite is logged as `<key>_nonfinite` = 1 at that step instead, which the UI shows.
+def log_metrics(run_cfg, run_id: str, metrics: dict[str, float], step: int, synchronous: bool = True) -> None:
+    """Metrics at `step`, in the `run` section's store. MLflow drops NaN silently (a chart just lacks
+    the point): a value that is NaN or infinite is logged as `<key>_nonfinite` = 1 at that step
+    instead, which the UI shows.
     With synchronous=False the call returns at once and MLflow's background queue stores them;
     `flush()` waits until they are stored (and raises if they could not be)."""
     from mlflow.entities import Metric
@@ -184,7 +196,7 @@ def log_metrics(cfg, run_id: str, metrics: dict[str, float], step: int, synchron
             batch.append(Metric(k, float(v), now, step))
         else:
             batch.append(Metric(k + NONFINITE_SUFFIX, 1.0, now, step))
-    client = client_for(cfg)
+    client = client_for(run_cfg)
     for i in range(0, len(batch), 1000):
         ops = client.log_batch(run_id, metrics=batch[i:i + 1000], synchronous=synchronous)
         if not synchronous and ops is not None:
@@ -199,19 +211,19 @@ def flush() -> None:
         _PENDING.pop(0).wait()
 
 
-def logged_steps(cfg, run_id: str, key: str) -> set[int]:
-    """The steps at which `key` is in the MLflow run."""
-    return {m.step for m in client_for(cfg).get_metric_history(run_id, key)}
+def logged_steps(run_cfg, run_id: str, key: str) -> set[int]:
+    """The steps at which `key` is in the MLflow run (in the `run` section's store)."""
+    return {m.step for m in client_for(run_cfg).get_metric_history(run_id, key)}
 
 
-def log_step_metrics(cfg, run_id: str, entries: list[tuple[int, dict]], only_missing: bool = False,
+def log_step_metrics(run_cfg, run_id: str, entries: list[tuple[int, dict]], only_missing: bool = False,
                      synchronous: bool = True) -> None:
     """Each (step, metrics); with only_missing, just the steps whose train/reward_mean is not
     in MLflow yet (after an interruption between a commit and its logging)."""
-    done = logged_steps(cfg, run_id, "train/reward_mean") if only_missing else set()
+    done = logged_steps(run_cfg, run_id, "train/reward_mean") if only_missing else set()
     for step, metrics in entries:
         if step not in done:
-            log_metrics(cfg, run_id, metrics, step, synchronous=synchronous)
+            log_metrics(run_cfg, run_id, metrics, step, synchronous=synchronous)
 
 
 LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default (and run_url_hint starts it)
@@ -224,30 +236,32 @@ def run_page(ui: str, experiment_id: str, run_id: str) -> str:
     return f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
 
-def run_url_hint(cfg, run_id: str | None = None, experiment_id: str | None = None) -> str:
-    """How to see the store (and, given a run id, that run's page) in the MLflow UI."""
-    uri = tracking_uri(cfg)
+def run_url_hint(run_cfg, run_id: str | None = None, experiment_id: str | None = None) -> str:
+    """How to see the `run` section's store (and, given a run id, that run's page) in the MLflow UI."""
+    uri = tracking_uri(run_cfg)
     local = is_local_store(uri)
     hint = f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000" if local else f"open {uri}"
     if run_id:
-        exp_id = experiment_id or client_for(cfg).get_run(run_id).info.experiment_id
+        exp_id = experiment_id or client_for(run_cfg).get_run(run_id).info.experiment_id
         return f"{hint}{', then open' if local else ':'} {run_page(LOCAL_UI if local else uri, exp_id, run_id)}"
     return hint if local else f"{hint} in a browser"
 
 
-def announce_run(cfg, run_id: str) -> None:
-    """A Prefect artifact on the current flow run that points at its MLflow run."""
+def announce_run(run_cfg, run_id: str) -> None:
+    """A Prefect artifact on the current flow run that points at its MLflow run (in the `run` section's
+    store)."""
     from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
-    uri = tracking_uri(cfg)
-    exp_id = client_for(cfg).get_run(run_id).info.experiment_id
+    uri = tracking_uri(run_cfg)
+    exp_id = client_for(run_cfg).get_run(run_id).info.experiment_id
     if uri.startswith(("http://", "https://")):
         create_link_artifact(link=run_page(uri, exp_id, run_id), link_text="MLflow run",
                              key="mlflow-run", description=f"MLflow run {run_id}")
     else:
         create_markdown_artifact(
             markdown=f"MLflow run `{run_id}` (experiment {exp_id}) in `{uri}`.\n\nSee it with:\n\n"
-                     f"    {run_url_hint(cfg, run_id, exp_id)}\n", key="mlflow-run", description=f"MLflow run {run_id}")
+                     f"    {run_url_hint(run_cfg, run_id, exp_id)}\n",
+            key="mlflow-run", description=f"MLflow run {run_id}")
 
 
 # ----------------------------------------------------------------------------- a training run's MLflow run
@@ -263,13 +277,13 @@ def start_or_resume_run(cfg, state, run_dir: Path, flow_run_id: str) -> str:
 
     from resrl.config import run_name
 
-    client = client_for(cfg)
+    client = client_for(cfg.run)
     if state.mlflow_run_id is None:
         tags = {"prefect.flow_run_id": flow_run_id, "resrl.config_hash": state.config_hash,
                 "resrl.run_dir": str(Path(run_dir).resolve()), "resrl.algorithm": cfg.algorithm.name}
         if cfg.run.sweep_id:
             tags["resrl.sweep_id"] = cfg.run.sweep_id
-        state.mlflow_run_id = start_run(cfg, run_name(cfg), tags=tags, parent_run_id=cfg.run.parent_run_id)
+        state.mlflow_run_id = start_run(cfg.run, run_name(cfg), tags=tags, parent_run_id=cfg.run.parent_run_id)
         state.save(run_dir)
         log_config_params(cfg, state.mlflow_run_id)
         client.log_text(state.mlflow_run_id, OmegaConf.to_yaml(cfg), "config.yaml")
@@ -281,24 +295,27 @@ def start_or_resume_run(cfg, state, run_dir: Path, flow_run_id: str) -> str:
     return state.mlflow_run_id
 
 
-def find_run_for_folder(cfg, run_dir: Path) -> str | None:
-    """The newest MLflow run trained in `run_dir` (its `resrl.run_dir` tag), or None."""
+def find_run_for_folder(run_cfg, run_dir: Path) -> str | None:
+    """The newest MLflow run trained in `run_dir` (its `resrl.run_dir` tag) in the `run` section's
+    experiment, or None."""
     folder = str(Path(run_dir).resolve())
     if "'" in folder:  # cannot be quoted in MLflow's filter syntax
         return None
-    runs = search_runs(cfg, f"tags.`resrl.run_dir` = '{folder}'", order_by=["attributes.start_time DESC"])
+    runs = search_runs(run_cfg, f"tags.`resrl.run_dir` = '{folder}'", order_by=["attributes.start_time DESC"])
     return runs[0].info.run_id if runs else None
 
 
-def run_status(cfg, run_id: str) -> str:
-    return client_for(cfg).get_run(run_id).info.status
+def run_status(run_cfg, run_id: str) -> str:
+    """The MLflow run's status (RUNNING, FINISHED, FAILED, KILLED) in the `run` section's store."""
+    return client_for(run_cfg).get_run(run_id).info.status
 
 
-def finish_run(cfg, run_id: str, status: str = "FINISHED") -> None:
-    client_for(cfg).set_terminated(run_id, status=status)
+def finish_run(run_cfg, run_id: str, status: str = "FINISHED") -> None:
+    """End the MLflow run (in the `run` section's store) with `status`."""
+    client_for(run_cfg).set_terminated(run_id, status=status)
 
 
-def fail_run(cfg, run_id: str, exc: BaseException) -> str:
+def fail_run(run_cfg, run_id: str, exc: BaseException) -> str:
     """Mark the run KILLED (stopped from outside, not broken: Ctrl-C, or SIGTERM, which Prefect
     raises in a running task as TerminationSignal) or FAILED, with the error in the `resrl.error`
     tag; returns the status."""
@@ -308,17 +325,17 @@ def fail_run(cfg, run_id: str, exc: BaseException) -> str:
 
     status = "KILLED" if isinstance(exc, (KeyboardInterrupt, TerminationSignal)) else "FAILED"
     detail = signal_name(exc.signal) if isinstance(exc, TerminationSignal) else exc
-    client = client_for(cfg)
+    client = client_for(run_cfg)
     client.set_tag(run_id, "resrl.error", f"{type(exc).__name__}: {detail}"[:4000])
     client.set_terminated(run_id, status=status)
     return status
 
 
-def log_eval_files(cfg, run_id: str, samples_file: Path, plot_file: Path, artifact_dir: str) -> None:
-    """An evaluation's sample rows (as a table the UI shows) and its Pass@k plot."""
+def log_eval_files(run_cfg, run_id: str, samples_file: Path, plot_file: Path, artifact_dir: str) -> None:
+    """An evaluation's sample rows (as a table the UI shows) and its Pass@k plot, in the `run` section's store."""
     import pandas as pd
 
-    client = client_for(cfg)
+    client = client_for(run_cfg)
     samples = json.loads(Path(samples_file).read_text())
     if samples:
         client.log_table(run_id, data=pd.DataFrame(samples), artifact_file=f"{artifact_dir}/{Path(samples_file).name}")
@@ -330,7 +347,7 @@ def log_policy(cfg, run_id: str, policy_dir: Path) -> str | None:
     run.log_model, as an MLflow model (`log_policy_model`); returns the model's id (or None)."""
     from omegaconf import OmegaConf
 
-    client_for(cfg).log_artifacts(run_id, str(policy_dir), artifact_path="policy")
+    client_for(cfg.run).log_artifacts(run_id, str(policy_dir), artifact_path="policy")
     if OmegaConf.select(cfg, "run.log_model", default=False):
         return log_policy_model(cfg, run_id, policy_dir)
     return None
@@ -353,7 +370,7 @@ def log_policy_model(cfg, run_id: str, policy_dir: Path, step: int | None = None
 
     from resrl.config import config_hash, run_name
 
-    client = client_for(cfg)
+    client = client_for(cfg.run)
     run = client.get_run(run_id)
     step = cfg.trainer.steps if step is None else step
     model = client.create_logged_model(run.info.experiment_id, name=POLICY_MODEL_NAME, source_run_id=run_id,
@@ -384,13 +401,14 @@ def log_policy_model(cfg, run_id: str, policy_dir: Path, step: int | None = None
     return model.model_id
 
 
-def register_model(cfg, name: str, run_id: str, alias: str = "best") -> str | None:
+def register_model(run_cfg, name: str, run_id: str, alias: str = "best") -> str | None:
     """Register the final policy model of training run `run_id` as a new version of `name` in the
-    Model Registry (created if needed) and point `alias` at it; nothing new when the alias already
-    points at that run's model. Returns the version, or None when the run logged no model."""
+    Model Registry of the `run` section's store (created if needed) and point `alias` at it; nothing
+    new when the alias already points at that run's model. Returns the version, or None when the run
+    logged no model."""
     from mlflow.exceptions import MlflowException
 
-    client = client_for(cfg)
+    client = client_for(run_cfg)
     model_id = client.get_run(run_id).data.tags.get(MODEL_ID_TAG)
     if model_id is None:
         return None
@@ -415,20 +433,20 @@ def register_model(cfg, name: str, run_id: str, alias: str = "best") -> str | No
 
 # ----------------------------------------------------------------------------- system metrics and datasets
 
-def start_system_metrics(cfg, run_id: str):
-    """With run.system_metrics, MLflow's system metrics for the run: a thread samples CPU, memory,
-    disk and network (GPU where MLflow finds one) every MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL
+def start_system_metrics(run_cfg, run_id: str):
+    """With the `run` section's system_metrics, MLflow's system metrics for the run: a thread
+    samples CPU, memory, disk and network (GPU where MLflow finds one) every MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL
     seconds (default 10) and logs them as `system/*`, continuing the run's earlier steps on a resume.
     It is the monitor `mlflow.start_run(log_system_metrics=True)` starts, here for an explicit run
     id. Returns it (stop it with `stop_system_metrics`), or None when off."""
     from omegaconf import OmegaConf
 
-    if not OmegaConf.select(cfg, "run.system_metrics", default=False):
+    if not OmegaConf.select(run_cfg, "system_metrics", default=False):
         return None
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop lines per run
-    monitor = SystemMetricsMonitor(run_id, resume_logging=True, tracking_uri=open_store(cfg))
+    monitor = SystemMetricsMonitor(run_id, resume_logging=True, tracking_uri=open_store(run_cfg))
     monitor.start()
     return monitor
 
@@ -459,29 +477,30 @@ def log_datasets(cfg, run_id: str, dataset_dir: str | Path) -> None:
                                               name=f"{cfg.data.source}-{dataset_dir.name}")
         inputs.append(DatasetInput(dataset=ds._to_mlflow_entity(),
                                    tags=[InputTag(key=MLFLOW_DATASET_CONTEXT, value=split)]))
-    client_for(cfg).log_inputs(run_id, datasets=inputs)
+    client_for(cfg.run).log_inputs(run_id, datasets=inputs)
 
 
 # ----------------------------------------------------------------------------- reading a run back
 
-def find_run_by_name(cfg, name: str):
-    """The newest run of run.experiment named `name`; ConfigError when there is none."""
+def find_run_by_name(run_cfg, name: str):
+    """The newest run of the `run` section's experiment named `name`; ConfigError when there is none."""
     from resrl.errors import ConfigError
 
-    runs = search_runs(cfg, f"tags.`mlflow.runName` = '{name}'", order_by=["attributes.start_time DESC"])
+    runs = search_runs(run_cfg, f"tags.`mlflow.runName` = '{name}'", order_by=["attributes.start_time DESC"])
     if not runs:
-        raise ConfigError(f"no MLflow run named '{name}' in {tracking_uri(cfg)} (experiment '{cfg.run.experiment}')")
+        raise ConfigError(f"no MLflow run named '{name}' in {tracking_uri(run_cfg)} "
+                          f"(experiment '{run_cfg.experiment}')")
     return runs[0]
 
 
-def logged_config(cfg, run_id: str):
-    """The resolved config a training run logged as config.yaml."""
+def logged_config(run_cfg, run_id: str):
+    """The resolved config a training run logged as config.yaml (read from the `run` section's store)."""
     from omegaconf import OmegaConf
 
     with tempfile.TemporaryDirectory() as tmp:
-        return OmegaConf.load(client_for(cfg).download_artifacts(run_id, "config.yaml", tmp))
+        return OmegaConf.load(client_for(run_cfg).download_artifacts(run_id, "config.yaml", tmp))
 
 
-def log_json(cfg, run_id: str, data, artifact_file: str) -> None:
-
-    client_for(cfg).log_text(run_id, json.dumps(data, indent=1), artifact_file)
+def log_json(run_cfg, run_id: str, data, artifact_file: str) -> None:
+    """`data` as the JSON artifact `artifact_file` of the MLflow run (in the `run` section's store)."""
+    client_for(run_cfg).log_text(run_id, json.dumps(data, indent=1), artifact_file)

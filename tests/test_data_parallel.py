@@ -191,14 +191,14 @@ def test_smoke_flow_on_two_ranks_survives_a_killed_rank(workdir, smoke_prepared,
     assert not [p for p in _descendants(proc.pid) if _rank_of(p) is not None]
     committed = json.loads(state_path.read_text())["step"]
     assert 1 <= committed < 4
-    stopped = client_for(cfg).get_run(json.loads(state_path.read_text())["mlflow_run_id"]).info.status
+    stopped = client_for(cfg.run).get_run(json.loads(state_path.read_text())["mlflow_run_id"]).info.status
     assert stopped in ("FAILED", "KILLED")  # rank 0 marked it (torchrun's SIGTERM did not cut that off)
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-5000:]
     assert f"from step {committed}" in again.stdout + again.stderr
     state = json.loads(state_path.read_text())
     assert state["finished"] and state["step"] == 4
-    client = client_for(cfg)
+    client = client_for(cfg.run)
     runs = client.search_runs([client.get_experiment_by_name(cfg.run.experiment).experiment_id])
     assert [r.info.run_id for r in runs] == [state["mlflow_run_id"]]  # one MLflow run, logged by rank 0
     run_id = state["mlflow_run_id"]

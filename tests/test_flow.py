@@ -23,7 +23,7 @@ REQUIRED_STEP_METRICS = [
 def client_for(cfg):
     from tasks.tracking import tracking_uri
 
-    return MlflowClient(tracking_uri=tracking_uri(cfg))
+    return MlflowClient(tracking_uri=tracking_uri(cfg.run))
 
 
 def test_smoke_flow_logs_a_complete_mlflow_run(smoke_run, tmp_path):

@@ -106,8 +106,8 @@ def test_non_finite_metrics_show_in_mlflow_as_flags(tmp_path):
     from tasks.tracking import log_metrics, start_run
 
     cfg = load_config(None, [f"run.output_dir={tmp_path}"])
-    run_id = start_run(cfg, "nan", {})
-    log_metrics(cfg, run_id, {"train/loss": float("nan"), "train/grad_norm": float("inf"), "train/lr": 1e-3}, 3)
+    run_id = start_run(cfg.run, "nan", {})
+    log_metrics(cfg.run, run_id, {"train/loss": float("nan"), "train/grad_norm": float("inf"), "train/lr": 1e-3}, 3)
     got = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run_id).data.metrics
     assert got == {"train/loss_nonfinite": 1.0, "train/grad_norm_nonfinite": 1.0, "train/lr": 1e-3}
 

@@ -123,7 +123,7 @@ def test_a_second_start_of_a_run_refuses_naming_the_holder_and_a_dead_holder_is_
 @pytest.mark.slow  # four processes that import MLflow: 15-25 s
 def test_parallel_starts_on_a_new_sqlite_store_all_succeed(tmp_path):
     code = ("import sys; from resrl.config import load_config; from tasks.tracking import start_run\n"
-            "print(start_run(load_config(None, [f'run.output_dir={sys.argv[1]}']), 'p', {}))")
+            "print(start_run(load_config(None, [f'run.output_dir={sys.argv[1]}']).run, 'p', {}))")
     procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(4)]
     results = [p.communicate(timeout=300) for p in procs]

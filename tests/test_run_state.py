@@ -69,15 +69,15 @@ def test_a_commits_metrics_reach_mlflow_once_even_if_logging_was_cut_short(tmp_p
     from tasks import tracking
 
     cfg = load_config(None, [f"run.output_dir={tmp_path}"])
-    run_id = tracking.start_run(cfg, "once", {})
+    run_id = tracking.start_run(cfg.run, "once", {})
     ckpt = checkpoint_dir(tmp_path, 3)
     ckpt.mkdir(parents=True)
     entries = [(s, {"train/reward_mean": s / 10, "train/lld": float("nan")}) for s in (1, 2, 3)]
     save_step_metrics(ckpt, entries)
     assert [(s, m["train/reward_mean"]) for s, m in load_step_metrics(ckpt)] == [(1, 0.1), (2, 0.2), (3, 0.3)]
     assert math.isnan(load_step_metrics(ckpt)[0][1]["train/lld"])
-    tracking.log_step_metrics(cfg, run_id, entries[:1])  # the logging was cut short after step 1
-    tracking.log_step_metrics(cfg, run_id, load_step_metrics(ckpt), only_missing=True)  # the resume
-    history = MlflowClient(tracking.tracking_uri(cfg)).get_metric_history(run_id, "train/reward_mean")
+    tracking.log_step_metrics(cfg.run, run_id, entries[:1])  # the logging was cut short after step 1
+    tracking.log_step_metrics(cfg.run, run_id, load_step_metrics(ckpt), only_missing=True)  # the resume
+    history = MlflowClient(tracking.tracking_uri(cfg.run)).get_metric_history(run_id, "train/reward_mean")
     assert sorted((m.step, m.value) for m in history) == [(1, 0.1), (2, 0.2), (3, 0.3)]
     assert load_step_metrics(checkpoint_dir(tmp_path, 9)) == []  # a checkpoint from before this file existed

@@ -176,7 +176,7 @@ def sweep_run(workdir, prefect_api_url, smoke_prepared, tmp_path_factory):
 def _client(sweep_run):
     from tasks.tracking import tracking_uri
 
-    return MlflowClient(tracking_uri=tracking_uri(sweep_run["sweep"].points[0].cfg))
+    return MlflowClient(tracking_uri=tracking_uri(sweep_run["sweep"].points[0].cfg.run))
 
 
 def test_failed_point_does_not_stop_the_others(sweep_run):
@@ -411,16 +411,16 @@ def test_sweep_report_from_mlflow_and_a_failed_report_is_a_tag_not_a_failed_swee
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = load_config(ROOT / "conf" / "smoke.yaml", [f"run.output_dir={tmp_path}"])
     spec = yaml.safe_load((ROOT / "conf" / "sweep" / "smoke.yaml").read_text())
-    parent = start_or_resume_sweep_run(cfg, "smoke-x", spec)
-    client = MlflowClient(tracking_uri=tracking.tracking_uri(cfg))
+    parent = start_or_resume_sweep_run(cfg.run, "smoke-x", spec)
+    client = MlflowClient(tracking_uri=tracking.tracking_uri(cfg.run))
     points = []
     for rank in (4, 16):
         for mw in (0.1, 0.5):
-            run_id = tracking.start_run(cfg, f"p{rank}-{mw}", tags={}, parent_run_id=parent)
-            tracking.log_metrics(cfg, run_id, {"eval/k": 4, "eval/pass_at_1": rank / 100 + mw, "eval/avg_at_4": 0.2,
+            run_id = tracking.start_run(cfg.run, f"p{rank}-{mw}", tags={}, parent_run_id=parent)
+            tracking.log_metrics(cfg.run, run_id, {"eval/k": 4, "eval/pass_at_1": rank / 100 + mw, "eval/avg_at_4": 0.2,
                                                "eval/pass_at_4": 0.9}, 2)
-            tracking.log_metrics(cfg, run_id, {"train/lld": -0.01}, 1)
-            tracking.finish_run(cfg, run_id)
+            tracking.log_metrics(cfg.run, run_id, {"train/lld": -0.01}, 1)
+            tracking.finish_run(cfg.run, run_id)
             points.append({"key": run_id[:6], "overrides": {}, "run_name": f"p{rank}-{mw}", "mlflow_run_id": run_id,
                            "values": {"algorithm.rank": rank, "algorithm.min_weight": mw, "seed": 0},
                            "status": "finished", "run_dir": ""})
@@ -428,7 +428,7 @@ def test_sweep_report_from_mlflow_and_a_failed_report_is_a_tag_not_a_failed_swee
                    "values": {"algorithm.rank": 16, "algorithm.min_weight": 0.5, "seed": 1}, "run_dir": ""})
     client.log_text(parent, json.dumps(points), POINTS_FILE)
 
-    report = build_report(cfg, "smoke-x")
+    report = build_report(cfg.run, "smoke-x")
     assert report["errors"] == {}
     tags = client.get_run(parent).data.tags
     assert tags[REPORT_TAG] == "complete" and REPORT_ERROR_TAG not in tags
@@ -437,17 +437,17 @@ def test_sweep_report_from_mlflow_and_a_failed_report_is_a_tag_not_a_failed_swee
     cells = pd.read_csv(Path(report["dir"]) / "heatmap.csv")
     assert list(cells["runs"]) == [1, 1, 1, 1] and cells["mean"].tolist() == pytest.approx([0.14, 0.54, 0.26, 0.66])
 
-    def broken(cfg, sweep_id):
+    def broken(run_cfg, sweep_id):
         raise KeyError("points.json")
 
     monkeypatch.setattr(sweep_module, "build_report", broken)
-    got = sweep_module.make_report(cfg, "smoke-x", parent, logging.getLogger("test"))
+    got = sweep_module.make_report(cfg.run, "smoke-x", parent, logging.getLogger("test"))
     assert got["dir"] is None and got["error"] == "KeyError: 'points.json'" and "resrl compare smoke-x" in got["markdown"]
     tags = client.get_run(parent).data.tags
     assert tags[REPORT_TAG] == "failed" and tags[REPORT_ERROR_TAG] == "KeyError: 'points.json'"
     # a later report that works clears the error
     monkeypatch.setattr(sweep_module, "build_report", build_report)
-    assert sweep_module.make_report(cfg, "smoke-x", parent, logging.getLogger("test"))["error"] is None
+    assert sweep_module.make_report(cfg.run, "smoke-x", parent, logging.getLogger("test"))["error"] is None
     tags = client.get_run(parent).data.tags
     assert tags[REPORT_TAG] == "complete" and REPORT_ERROR_TAG not in tags
 
@@ -547,11 +547,12 @@ def test_lanes_hold_slots_of_the_global_concurrency_limit(prefect_api_url, monke
     asyncio.run(create())
     monkeypatch.setenv("PREFECT_API_URL", prefect_api_url)
     logger = logging.getLogger("test-slots")
-    assert slot_limit_for(load_config(None, ["run.concurrency_limit=test-train-slots"]), logger) == "test-train-slots"
-    assert slot_limit_for(load_config(None, ["run.concurrency_limit=no-such-limit"]), logger) is None
-    assert slot_limit_for(load_config(None, ["run.concurrency_limit=null"]), logger) is None
+    slots = load_config(None, ["run.concurrency_limit=test-train-slots"]).run
+    assert slot_limit_for(slots, logger) == "test-train-slots"
+    assert slot_limit_for(load_config(None, ["run.concurrency_limit=no-such-limit"]).run, logger) is None
+    assert slot_limit_for(load_config(None, ["run.concurrency_limit=null"]).run, logger) is None
     monkeypatch.delenv("PREFECT_API_URL")
-    assert slot_limit_for(load_config(None, ["run.concurrency_limit=test-train-slots"]), logger) is None
+    assert slot_limit_for(slots, logger) is None
 
     spans = []
 
@@ -625,7 +626,7 @@ def test_a_sweep_on_a_work_pool_is_shared_by_two_workers(workdir, prefect_api_ur
         assert all("submitting flow run" in w.lower() for w in worker_logs), worker_logs  # each took a point
 
         sweep = load_sweep(sweep_file)
-        client = MlflowClient(tracking_uri=__import__("tasks.tracking").tracking.tracking_uri(sweep.points[0].cfg))
+        client = MlflowClient(tracking_uri=__import__("tasks.tracking").tracking.tracking_uri(sweep.points[0].cfg.run))
         exp = client.get_experiment_by_name("resrl")
         parent = client.search_runs([exp.experiment_id], f"tags.`resrl.sweep_id` = '{sweep.sweep_id}'"
                                                          " and tags.`resrl.role` = 'sweep'")[0]

@@ -19,14 +19,14 @@ def store(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("tracking")
     cfg = load_config(ROOT / "conf" / "smoke.yaml", [f"run.output_dir={out}", f"run.tracking_uri=sqlite:///{out}/m.db"])
-    tracking.ensure_experiment(cfg)
-    return cfg, MlflowClient(tracking_uri=tracking.tracking_uri(cfg))
+    tracking.ensure_experiment(cfg.run)
+    return cfg, MlflowClient(tracking_uri=tracking.tracking_uri(cfg.run))
 
 
 def _new_run(cfg, name):
     from tasks import tracking
 
-    return tracking.start_run(cfg, name, tags={})
+    return tracking.start_run(cfg.run, name, tags={})
 
 
 def test_step_metrics_logged_in_the_background_are_all_stored_after_a_flush(store):
@@ -37,7 +37,7 @@ def test_step_metrics_logged_in_the_background_are_all_stored_after_a_flush(stor
     entries = [(step, {"train/reward_mean": step / 100, "train/loss": -step, "time/update_s": 0.5})
                for step in range(1, 101)]
     for step, metrics in entries:  # one call per committed step, as the training flow makes them
-        tracking.log_step_metrics(cfg, run_id, [(step, metrics)], synchronous=False)
+        tracking.log_step_metrics(cfg.run, run_id, [(step, metrics)], synchronous=False)
     tracking.flush()
     assert not tracking._PENDING
     for key in ("train/reward_mean", "train/loss", "time/update_s"):
@@ -54,7 +54,7 @@ def test_system_metrics_are_logged_while_the_run_trains_and_can_be_turned_off(st
     cfg, client = store
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
     run_id = _new_run(cfg, "system")
-    monitor = tracking.start_system_metrics(cfg, run_id)
+    monitor = tracking.start_system_metrics(cfg.run, run_id)
     time.sleep(2.5)
     tracking.stop_system_metrics(monitor)
     tracking.stop_system_metrics(monitor)  # a second stop is a no-op
@@ -66,13 +66,13 @@ def test_system_metrics_are_logged_while_the_run_trains_and_can_be_turned_off(st
     steps = [m.step for m in client.get_metric_history(run_id, "system/cpu_utilization_percentage")]
     assert len(steps) >= 2 and steps == sorted(steps)
     # a resumed run continues the steps instead of writing over them
-    monitor = tracking.start_system_metrics(cfg, run_id)
+    monitor = tracking.start_system_metrics(cfg.run, run_id)
     time.sleep(1.2)
     tracking.stop_system_metrics(monitor)
     again = [m.step for m in client.get_metric_history(run_id, "system/cpu_utilization_percentage")]
     assert len(again) > len(steps) and min(again[len(steps):]) > max(steps)
     off = OmegaConf.merge(cfg, {"run": {"system_metrics": False}})
-    assert tracking.start_system_metrics(off, run_id) is None
+    assert tracking.start_system_metrics(off.run, run_id) is None
 
 
 def test_the_prepared_data_is_the_runs_dataset_input(store, tmp_path):
@@ -134,9 +134,9 @@ def test_the_final_policy_is_a_model_that_loads_offline_and_registers_with_an_al
         want.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
     assert got == want and all(isinstance(g, str) for g in got)
 
-    assert tracking.register_model(cfg, "resrl-test", run_id) == "1"
-    assert tracking.register_model(cfg, "resrl-test", run_id) == "1"  # the alias points at it already: no new one
+    assert tracking.register_model(cfg.run, "resrl-test", run_id) == "1"
+    assert tracking.register_model(cfg.run, "resrl-test", run_id) == "1"  # the alias points at it already: no new one
     best = client.get_model_version_by_alias("resrl-test", "best")
     assert str(best.version) == "1" and best.run_id == run_id
     assert best.source == client.get_logged_model(model_id).artifact_location
-    assert tracking.register_model(cfg, "resrl-test", _new_run(cfg, "no model")) is None
+    assert tracking.register_model(cfg.run, "resrl-test", _new_run(cfg, "no model")) is None
