@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -179,7 +180,9 @@ def run_mode(mode: str, base_sweep: Path, root: Path, server: Server, n_cores: i
     server.stop_workers(workers)
     text = (work / "sweep.log").read_text()
     row = {"mode": mode, "wall_s": wall, "rc": proc.returncode, "finished": text.count("  finished "),
-           "points per worker": [log.read_text().lower().count("submitting flow run") for log in logs],
+           # flow runs a worker finished (both workers may log "submitting" for one run; one gets it)
+           "points per worker": [len(set(re.findall(r"Flow run '([^']*)' - Finished in state Completed", log.read_text())))
+                                 for log in logs],
            "log": str(work / "sweep.log")}
     if pool and f"as flow runs of {DEPLOYMENT} ({count} worker(s) online)" not in text:
         row["note"] = "the points did not go to the pool as expected: see the log"

@@ -261,6 +261,8 @@ def _train_in_lanes(sweep, pending: list, configs: list[dict], status: dict, pro
     claims = Path(tempfile.mkdtemp(prefix=f"resrl-{sweep.sweep_id}-"))
     slot_limit = slot_limit_for(sweep.points[0].cfg.run, logger) if pending else None
     n_lanes = min(sweep.concurrency, len(pending))
+    if n_lanes > 1:
+        build_shared_caches(configs, logger)
     lanes = []
     for i in range(n_lanes):
         env = {**child_env, **lane_env(i, n_lanes)}
@@ -283,6 +285,33 @@ def _train_in_lanes(sweep, pending: list, configs: list[dict], status: dict, pro
             status[p.key] = "failed" if (claims / p.key).exists() else "not started (its lane died)"
         logger.info("point %s: %s", p.label(()), status[p.key])
     shutil.rmtree(claims, ignore_errors=True)
+
+
+def build_shared_caches(configs: list[dict], logger) -> None:
+    """Build the cache entries the points share (base model, dataset, warm-start) here, on every
+    core of the sweep, before the lanes start. Otherwise the first lane builds them on its share
+    of the cores while the other lanes wait for it (the cache lock): on 2 cores a cold smoke
+    sweep's warm-start took 150 s in two lanes against 98 s in one. Each distinct set of the
+    sections the entries depend on is prepared once; a bad dataset or model fails the sweep
+    here, before any lane starts."""
+    import json
+
+    from resrl.config import from_dict
+    from resrl.prepare import prepare
+
+    seen = set()
+    for config in configs:
+        deps = json.dumps([config.get(k) for k in ("model", "data", "warmstart", "base_seed", "reward")]
+                          + [config["run"].get("cache_dir")], sort_keys=True, default=str)
+        if deps in seen:
+            continue
+        seen.add(deps)
+        t0 = time.time()
+        got = prepare(from_dict(config), progress=True)
+        built = [name for name, reused in (("data", got["data_reused"]), ("warm-start", got["warmstart_reused"]))
+                 if reused is False]
+        logger.info("shared cache entries %s (%.0f s, all cores): %s", "built: " + ", ".join(built) if built
+                    else "reused", time.time() - t0, got["policy_dir"])
 
 
 def stop_lanes(lanes: list, logger, grace_s: float = LANE_STOP_GRACE_S) -> None:

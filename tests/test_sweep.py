@@ -835,3 +835,30 @@ def test_a_process_that_dies_with_its_parent(tmp_path):
     else:
         os.kill(child_pid, signal.SIGKILL)
         pytest.fail("the child outlived its killed parent")
+
+
+# ----------------------------------------------------------------------------- shared cache entries, built first
+
+def test_shared_cache_entries_are_prepared_once_per_base_before_the_lanes(monkeypatch, tmp_path):
+    """Several lanes: the sweep prepares what its points share (base, data, warm-start) itself,
+    once per distinct base/data/warm-start, not once per point: points that differ only in RL keys
+    (seed, algorithm, rank) share one preparation; another base_seed or warm-start needs its own."""
+    import logging
+
+    import resrl.prepare
+    from flows.sweep import build_shared_caches
+    from resrl.config import load_config, to_dict
+
+    calls = []
+
+    def fake_prepare(cfg, progress=True):
+        calls.append((cfg.base_seed, cfg.warmstart.steps, cfg.seed, cfg.algorithm.name))
+        return {"data_reused": True, "warmstart_reused": False, "policy_dir": str(tmp_path)}
+
+    monkeypatch.setattr(resrl.prepare, "prepare", fake_prepare)
+    point = lambda *o: to_dict(load_config(None, [f"run.cache_dir={tmp_path}", *o]))  # noqa: E731
+    configs = [point("seed=0", "algorithm.name=nsr"), point("seed=1", "algorithm.name=grpo"),
+               point("seed=2", "algorithm.rank=4"), point("base_seed=1"), point("warmstart.steps=7"),
+               point("base_seed=1", "seed=5")]
+    build_shared_caches(configs, logging.getLogger("test"))
+    assert [c[:2] for c in calls] == [(0, calls[0][1]), (1, calls[0][1]), (0, 7)]
