@@ -750,6 +750,7 @@ def test_a_sweep_that_is_stopped_stops_its_lanes(tmp_path, monkeypatch, smoke_cf
                         lambda flow, env, parameters: started.append(env) or f"lane-{len(started)}")
     monkeypatch.setattr(sweep_module, "slot_limit_for", lambda cfg, logger: None)
     monkeypatch.setattr(sweep_module, "stop_lanes", lambda lanes, logger: stopped.append(list(lanes)))
+    monkeypatch.setattr(sweep_module, "build_shared_caches", lambda configs, logger: None)  # no cache to build here
 
     class Progress:
         def watch(self, lanes, claims):
