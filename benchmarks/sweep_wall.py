@@ -41,6 +41,9 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from resrl.cores import available_cores, core_share, id_list  # noqa: E402
+
 PY = sys.executable
 POOL, DEPLOYMENT_NAME = "resrl-bench-pool", "bench"
 DEPLOYMENT = f"resrl-train/{DEPLOYMENT_NAME}"
@@ -159,16 +162,15 @@ def sweep_file(base_sweep: Path, work: Path, concurrency: int, deployment: str |
     return out
 
 
-def run_mode(mode: str, base_sweep: Path, root: Path, server: Server, n_cores: int) -> dict:
+def run_mode(mode: str, base_sweep: Path, root: Path, server: Server) -> dict:
     work = root / mode
     work.mkdir()
     pool = mode.startswith("pool")
     count = int(mode[-1])
     spec = sweep_file(base_sweep, work, concurrency=1 if pool else count, deployment=DEPLOYMENT if pool else None)
     workers, logs = [], []
-    if pool:
-        half = max(1, n_cores // count)
-        cores = [None] if count == 1 else [f"{i * half}-{(i + 1) * half - 1}" if half > 1 else str(i * half)
+    if pool:  # worker i on its block of this machine's cores, as a sweep's lane i of `count` gets
+        cores = [None] if count == 1 else [id_list(core_share(i, count, available_cores()).cores)
                                            for i in range(count)]
         logs = [work / f"worker{i}.log" for i in range(count)]
         workers = server.workers(cores, logs)
@@ -200,7 +202,7 @@ def main() -> None:
     base_sweep = (ROOT / args.sweep).resolve()
     if not base_sweep.is_file():
         raise SystemExit(f"--sweep: no such file {base_sweep}")
-    n_cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    n_cores = len(available_cores())
     root = Path(tempfile.mkdtemp(prefix="resrl-sweep-wall-"))
     (root / "prefect").mkdir()
     print(f"{n_cores} cores; sweep {args.sweep}; work folder {root}", flush=True)
@@ -209,7 +211,7 @@ def main() -> None:
     try:
         server.setup()
         for mode in args.modes:
-            rows.append(run_mode(mode, base_sweep, root, server, n_cores))
+            rows.append(run_mode(mode, base_sweep, root, server))
     finally:
         server.close()
     by = {r["mode"]: r for r in rows}

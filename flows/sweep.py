@@ -10,6 +10,7 @@ pool (`pool_deployment`, `_train_on_pool`).
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -21,7 +22,7 @@ from omegaconf import OmegaConf
 from prefect import flow, get_run_logger
 
 from resrl import cores, interrupts
-from resrl.config import run_dir, run_name, to_dict
+from resrl.config import config_hash, from_dict, run_dir, run_name, to_dict
 from resrl.errors import ConfigError
 from resrl.run_state import RunState
 from resrl.sweep import SweepPoint, load_sweep
@@ -62,7 +63,6 @@ def lane_flow(configs: list[dict], claims_dir: str, slot_limit: str | None = Non
     `<key>.done` in `claims_dir`, for the sweep's progress.
     """
     from flows.train import train_flow
-    from resrl.config import config_hash, from_dict
 
     cores.apply_from_env()  # this lane's share of the cores (torch threads, affinity), before any engine
     if os.environ.get(SWEEP_PID_ENV):  # the sweep killed (even by kill -9): this lane stops too
@@ -294,10 +294,7 @@ def build_shared_caches(configs: list[dict], logger) -> None:
     sweep's warm-start took 150 s in two lanes against 98 s in one. Each distinct set of the
     sections the entries depend on is prepared once; a bad dataset or model fails the sweep
     here, before any lane starts."""
-    import json
-
-    from resrl.config import from_dict
-    from resrl.prepare import prepare
+    from resrl.prepare import prepare  # torch and transformers: only when lanes need it
 
     seen = set()
     for config in configs:
