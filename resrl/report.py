@@ -493,7 +493,10 @@ def write_report(runs: pd.DataFrame, out_dir: Path, *, sweep_id: str, group_keys
         elif not group_keys:
             notes.append("paired differences: the sweep varies nothing but the seed")
         else:
-            k_cols = [c for c in metric_cols if is_avg_key(c)][:1] + pass_cols[:1] + pass_cols[-1:] + \
+            # Avg@k is the unbiased Pass@1 of the same samples (c / k per prompt, averaged): the same
+            # number, so only one of the two enters the table and the Holm family
+            avg_cols = [c for c in metric_cols if is_avg_key(c)][:1]
+            k_cols = avg_cols + [c for c in pass_cols[:1] + pass_cols[-1:] if not (avg_cols and _k_of(c) == 1)] + \
                 [c for c in metric_cols if c.startswith("train/")]
             paired = part("paired differences",
                           lambda: _paired_section(runs, group_keys, reference, list(dict.fromkeys(k_cols)), out_dir))

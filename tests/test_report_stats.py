@@ -63,3 +63,15 @@ def test_report_lists_the_tests(tmp_path):
     md = files["markdown"].read_text()
     assert "## Tests: name=resrl minus each configuration" in md
     assert "| grpo | eval/pass_at_8 | 3 |" in md and "| yes |" in md
+
+
+def test_the_tests_count_avg_at_k_and_pass_at_1_once(tmp_path):
+    # Avg@k and Pass@1 are the same number at an evaluation; counted twice, they would enlarge the Holm family
+    runs = _runs()
+    runs["eval/pass_at_1"] = runs["eval/avg_at_8"]
+    files = write_report(runs, tmp_path, sweep_id="s", group_keys=["algorithm.name"], headline="eval/avg_at_8",
+                         heatmap=[], reference={"algorithm.name": "resrl"}, primary=[])
+    tests = pd.read_csv(files["tests"])
+    assert set(tests["metric"]) == {"eval/avg_at_8", "eval/pass_at_8"}
+    assert len(tests) == 4  # 2 configurations x 2 metrics
+    assert "| eval/pass_at_1 | 3 |" not in files["markdown"].read_text()  # nor in the tests' table
