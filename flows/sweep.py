@@ -10,7 +10,6 @@ pool (`pool_deployment`, `_train_on_pool`).
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -294,12 +293,11 @@ def build_shared_caches(configs: list[dict], logger) -> None:
     sweep's warm-start took 150 s in two lanes against 98 s in one. Each distinct set of the
     sections the entries depend on is prepared once; a bad dataset or model fails the sweep
     here, before any lane starts."""
-    from resrl.prepare import prepare  # torch and transformers: only when lanes need it
+    from resrl.prepare import cache_inputs, prepare  # torch and transformers: only when lanes need it
 
     seen = set()
     for config in configs:
-        deps = json.dumps([config.get(k) for k in ("model", "data", "warmstart", "base_seed", "reward")]
-                          + [config["run"].get("cache_dir")], sort_keys=True, default=str)
+        deps = cache_inputs(config)
         if deps in seen:
             continue
         seen.add(deps)

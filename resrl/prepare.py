@@ -6,12 +6,24 @@
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 from resrl.cache import cached_dir, key_of
 from resrl.data import DataError, load_prepared, load_summary, prepare_dataset
 
+
+
+# The config sections (and run.cache_dir) that decide which cache entries `prepare` builds: two
+# configs equal on these share base model, dataset and warm-start (a sweep builds them once)
+CACHE_INPUTS = ("model", "data", "warmstart", "base_seed", "reward")
+
+
+def cache_inputs(config: dict) -> str:
+    """The part of a plain config dict that `prepare`'s cache entries depend on, as one string."""
+    return json.dumps([config.get(k) for k in CACHE_INPUTS] + [config["run"].get("cache_dir")],
+                      sort_keys=True, default=str)
 
 
 def files_identity(path: Path) -> list:
