@@ -863,3 +863,18 @@ def test_shared_cache_entries_are_prepared_once_per_base_before_the_lanes(monkey
                point("base_seed=1", "seed=5")]
     build_shared_caches(configs, logging.getLogger("test"))
     assert [c[:2] for c in calls] == [(0, calls[0][1]), (1, calls[0][1]), (0, 7)]
+
+
+def test_every_shipped_sweep_loads_and_the_study_arms_share_their_reference_points():
+    # every point of every file in conf/sweep/ is a valid config (a typo in a key fails here, not in a lane)
+    sweeps = {f.stem: load_sweep(f) for f in sorted((ROOT / "conf" / "sweep").glob("*.yaml"))}
+    assert {"algorithms", "step-size", "resrl-ablation"} <= set(sweeps)
+    keys = {name: {p.key for p in s.points} for name, s in sweeps.items()}
+    # the step-size arm's points at the default rate and the ablation's default (rank 8, min_weight 0.1)
+    # are the algorithms sweep's NSR / ResRL points: one store trains them once
+    at_default_lr = {p.key for p in sweeps["step-size"].points if p.cfg.trainer.lr == 5.0e-5}
+    assert at_default_lr and at_default_lr <= keys["algorithms"]
+    defaults = {p.key for p in sweeps["resrl-ablation"].points
+                if p.cfg.algorithm.rank == 8 and p.cfg.algorithm.min_weight == 0.1}
+    assert defaults and defaults <= keys["algorithms"]
+    assert keys["algorithms-primary"] <= keys["algorithms"]
