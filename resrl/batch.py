@@ -88,6 +88,18 @@ class RolloutBatch:
                    t["rewards"], t["scores"], t["group_ids"], texts, sampler)
 
 
+@dataclass
+class SamplerStates:
+    """What the Hugging Face sampler kept from drawing a step's batch, for the trainer to skip its
+    scoring pass (`PolicyTrainer.sampler_scores_apply`): per batch row, the (len, H) hidden states
+    of `layer` that produced its tokens, None for a row without them (an empty response), or no
+    states at all (`hidden` None) when the algorithm weights no tokens. Lives in memory only: a
+    resumed run's first update scores its batch itself."""
+    step: int
+    layer: int | None
+    hidden: list[torch.Tensor | None] | None
+
+
 def pack(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
     """Left-pad prompts, right-pad responses: input_ids, attention_mask, position_ids, response_mask."""
     P = max(len(p) for p in prompt_ids)

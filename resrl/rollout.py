@@ -12,6 +12,7 @@ trainer's weights are copied into it in place.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import warnings
@@ -22,6 +23,7 @@ from omegaconf import OmegaConf
 
 from resrl.devices import resolve_device, resolve_dtype
 from resrl.environment import set_engine_defaults
+from resrl.hidden_states import capture_hidden
 from resrl.ranks import world
 
 
@@ -244,16 +246,31 @@ class HFRolloutEngine:
         """As RolloutEngine.generate: per prompt, n tuples (token_ids, text, logprobs or None);
         prompt i samples with seed + i. Prompts go through in chunks of at most
         `rollout.max_num_seqs` sequences."""
+        return self.generate_with_states(prompt_token_ids, n=n, temperature=temperature, top_p=top_p, top_k=top_k,
+                                         max_tokens=max_tokens, seed=seed, logprobs=logprobs)[0]
+
+    @torch.no_grad()
+    def generate_with_states(self, prompt_token_ids: list[list[int]], *, n: int, temperature: float, top_p: float,
+                             top_k: int, max_tokens: int, seed: int, logprobs: bool = False,
+                             hidden_layer: int | None = None):
+        """`generate`, and with `hidden_layer` the states of that layer (as `capture_hidden` reads
+        them) that produced each sampled token: per prompt, per sample, a (len, H) float32 tensor,
+        row t the state at the position that predicts token t - what the trainer's forward over
+        the finished sequence gives (ResRL's input), so its scoring pass can be skipped. (outputs,
+        states or None)."""
         per_chunk = max(1, self.max_num_seqs // n)
-        out = []
+        out, states = [], [] if hidden_layer is not None else None
         for start in range(0, len(prompt_token_ids), per_chunk):
             chunk = prompt_token_ids[start:start + per_chunk]
-            out += self._generate(chunk, n=n, temperature=temperature, top_p=top_p, top_k=top_k,
-                                  max_tokens=max_tokens, seeds=[seed + start + i for i in range(len(chunk))],
-                                  logprobs=logprobs)
-        return out
+            got, got_states = self._generate(chunk, n=n, temperature=temperature, top_p=top_p, top_k=top_k,
+                                             max_tokens=max_tokens, seeds=[seed + start + i for i in range(len(chunk))],
+                                             logprobs=logprobs, hidden_layer=hidden_layer)
+            out += got
+            if states is not None:
+                states += got_states
+        return out, states
 
-    def _generate(self, prompts, *, n, temperature, top_p, top_k, max_tokens, seeds, logprobs):
+    def _generate(self, prompts, *, n, temperature, top_p, top_k, max_tokens, seeds, logprobs, hidden_layer=None):
         from transformers import GenerationConfig, LogitsProcessorList
 
         width = max(len(p) for p in prompts)
@@ -265,14 +282,24 @@ class HFRolloutEngine:
         sampler = _GumbelSampler(seeds, n, temperature, top_p, top_k, self.device)
         config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_tokens,
                                   eos_token_id=self.stop_ids, pad_token_id=self.pad_id)
-        new = self.model.generate(input_ids=ids.to(self.device), attention_mask=attn.to(self.device),
-                                  generation_config=config, logits_processor=LogitsProcessorList([sampler]))
+        capture = capture_hidden(self.model, hidden_layer, every_call=True) if hidden_layer is not None \
+            else contextlib.nullcontext()
+        with capture as box:
+            new = self.model.generate(input_ids=ids.to(self.device), attention_mask=attn.to(self.device),
+                                      generation_config=config, logits_processor=LogitsProcessorList([sampler]))
         new = new[:, width:].cpu()
+        states = None
+        if hidden_layer is not None:  # one forward per new token: the prompt's (its last position), then one each
+            calls = box["all"]
+            states = torch.cat([calls[0][:, -1:]] + calls[1:], dim=1).float().cpu()
+            if states.shape[1] != new.shape[1]:
+                raise RuntimeError(f"generate made {len(calls)} forwards for {new.shape[1]} new tokens: its hidden "
+                                   "states cannot be matched to the tokens (a transformers change?)")
         picked = torch.stack(sampler.picked_logp, dim=1).float().cpu() if sampler.picked_logp else None
         stops = torch.tensor(self.stop_ids)
-        results = []
+        results, per_prompt_states = [], []
         for i in range(len(prompts)):
-            samples = []
+            samples, sample_states = [], []
             for r in range(i * n, (i + 1) * n):
                 row = new[r].tolist()
                 hit = torch.isin(new[r], stops).nonzero()
@@ -280,8 +307,11 @@ class HFRolloutEngine:
                 tokens = row[:length]
                 text = self.tokenizer.decode(tokens, skip_special_tokens=True)
                 samples.append((tokens, text, picked[r, :length].tolist() if logprobs else None))
+                if states is not None:
+                    sample_states.append(states[r, :length].clone())
             results.append(samples)
-        return results
+            per_prompt_states.append(sample_states)
+        return results, per_prompt_states if states is not None else None
 
     def warm_up(self, prompt_token_ids: list[int]) -> None:
         """One tiny request (the first call of `generate` sets up its caches and kernels)."""

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from resrl import seeds
-from resrl.batch import RolloutBatch
+from resrl.batch import RolloutBatch, SamplerStates
 from resrl.config import from_dict, to_dict
 from resrl.data import load_prepared
 from resrl.data_parallel import make_trainer
@@ -88,6 +88,7 @@ class TrainingSession:
         self.engine.warm_up(self.train_set[0]["prompt_token_ids"])  # not inside the first timed rollout
         self.trainer = make_trainer(policy_dir, cfg, rollout_batch_size=cfg.rollout.prompts_per_step * cfg.rollout.n)
         self.start_step = self.trainer.load_checkpoint(Path(checkpoint_dir)) if checkpoint_dir else 0
+        self._sampled: SamplerStates | None = None  # what the sampler kept from the last rollout, for its update
         self.eos_id = self.trainer.tokenizer.eos_token_id
         gen_eos = getattr(self.trainer.engine.module.generation_config, "eos_token_id", None)
         self.stop_ids = {self.eos_id, *(gen_eos if isinstance(gen_eos, list) else [gen_eos])} - {None}
@@ -115,9 +116,15 @@ class TrainingSession:
         share = group_share(len(idx), self.rank, self.world_size)
         rows = [self.train_set[idx[g]] for g in share]
         # prompt g of the step samples with seed + g on whichever rank holds it
-        outputs = self.engine.generate([row["prompt_token_ids"] for row in rows], n=r.n, temperature=r.temperature,
-                                       top_p=r.top_p, top_k=r.top_k, max_tokens=r.max_tokens,
-                                       seed=seeds.rollout(cfg.seed, step) + share.start, logprobs=True)
+        sampling = dict(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_tokens=r.max_tokens,
+                        seed=seeds.rollout(cfg.seed, step) + share.start, logprobs=True)
+        prompts = [row["prompt_token_ids"] for row in rows]
+        layer = self.trainer.wants_sampler_states() if hasattr(self.engine, "generate_with_states") else None
+        self._sampled = None
+        if layer is not None:  # the sampler keeps ResRL's hidden states: the update skips its scoring pass
+            outputs, states = self.engine.generate_with_states(prompts, hidden_layer=layer, **sampling)
+        else:
+            outputs, states = self.engine.generate(prompts, **sampling), None
         scores, errors = score_samples(self.reward_fn, rows, outputs, cfg.reward.max_error_fraction)
         if self.world_size > 1:
             import torch.distributed as dist
@@ -130,18 +137,21 @@ class TrainingSession:
             outputs = [o for p in parts for o in p[0]]
             scores = [x for p in parts for x in p[1]]
             errors = sum(p[2] for p in parts)
-        prompt_ids, response_ids, texts, group_ids, sampler_logp = [], [], [], [], []
+        prompt_ids, response_ids, texts, group_ids, sampler_logp, hidden = [], [], [], [], [], []
         for g, (row, samples) in enumerate(zip(rows, outputs)):
-            for ids, text, logp in samples:
+            for s, (ids, text, logp) in enumerate(samples):
                 prompt_ids.append(row["prompt_token_ids"])
                 response_ids.append(ids if ids else [self.eos_id])
                 sampler_logp.append(logp if ids else [float("nan")])
+                hidden.append(states[g][s] if states is not None and ids else None)
                 texts.append(text)
                 group_ids.append(g)
         scores_t = torch.tensor(scores)
         rewards = shape_rewards(scores, [len(ids) for ids in response_ids], cfg.reward.length_scale, r.max_tokens)
         batch = RolloutBatch(prompt_ids, response_ids, rewards, scores_t, torch.tensor(group_ids), texts,
                              sampler_logp)
+        if self.world_size == 1:
+            self._sampled = SamplerStates(step, layer, hidden if states is not None else None)
         metrics = {f"train/{k}": v for k, v in rollout_metrics(batch, r.n, r.max_tokens, self.stop_ids).items()}
         metrics["train/reward_errors"] = float(errors)
         metrics["time/rollout_s"] = time.time() - t0
@@ -150,7 +160,10 @@ class TrainingSession:
     def update(self, step: int, batch: RolloutBatch) -> dict[str, float]:
         lead("update", step=step, batch=batch)  # every rank trains on the whole batch
         t0 = time.time()
-        metrics = {f"train/{k}": v for k, v in self.trainer.train_step(batch, step).items()}
+        sampled, self._sampled = self._sampled, None
+        if sampled is not None and (sampled.step != step or len(sampled.hidden or batch) != len(batch)):
+            sampled = None  # not this batch's record
+        metrics = {f"train/{k}": v for k, v in self.trainer.train_step(batch, step, sampled).items()}
         t1 = time.time()
         self.engine.load_weights(self.trainer.named_weights())
         metrics["time/update_s"] = t1 - t0

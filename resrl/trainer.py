@@ -7,7 +7,10 @@ One RL step, top to bottom (`PolicyTrainer.train_step`):
    chosen layer's hidden states, turned into token weights chunk by chunk (so the
    states of the whole batch are never held at once). With one epoch of one
    mini-batch (`trainer.single_pass`) this pass is skipped: the loss's own forward,
-   over the same chunks, gives all of it (`_single_pass_update`);
+   over the same chunks, gives all of it (`_single_pass_update`). Otherwise, when the
+   Hugging Face sampler drew the batch in float32 (`trainer.sampler_scores`), its own
+   log-probs and hidden states stand in for the pass (`_scores_from_sampler`), once a
+   scoring pass has shown that they agree;
 2. sequence advantages from rewards (the registered algorithm), times the token
    weights;
 3. PPO: `epochs` passes of `mini_batches` optimizer steps, each mini-batch split
@@ -36,46 +39,23 @@ import torch
 from resrl import checkpoint, displacement, seeds
 from resrl.schedule import diagnostics_due
 from resrl.algorithms import SUMMED_KEYS, ResidualStats, get_algorithm, policy_loss, summed_keys, token_coefficients
-from resrl.batch import RolloutBatch, pack
+from resrl.batch import RolloutBatch, SamplerStates, pack
 from resrl.deepspeed_setup import deepspeed_config, init_distributed, warmup_schedule
 from resrl.devices import resolve_device, resolve_dtype
-from resrl.errors import ConfigError, UserError
+from resrl.errors import UserError
+from resrl.hidden_states import capture_hidden
 from resrl.metrics import advantage_metrics, sampler_agreement
+
+# nats: the largest |trainer - sampler| token log-prob gap at which the sampler's log-probs stand in for the
+# old ones (trainer.sampler_scores). Float32 on the CPU agrees to ~1e-5; a 1e-3 gap moves a PPO ratio by 0.1 %,
+# far inside the clip range.
+SAMPLER_LOGP_TOL = 1e-3
+
 
 def response_logits(logits: torch.Tensor, T: int) -> torch.Tensor:
     """The logits that score response tokens 0..T-1, from the last T + 1 positions of a
     packed batch (prompt left-padded to P): position P - 1 + t predicts token t."""
     return logits[:, :T]
-
-
-@contextlib.contextmanager
-def capture_hidden(model, layer: int):
-    """Record the hidden state `output_hidden_states[layer]` would give, via a forward hook.
-
-    Index j of HF's `hidden_states` tuple is the embedding output (0), the output of
-    decoder layer j-1 (1..L-1), or the final-normed output (L, i.e. -1).
-    """
-    box: dict[str, torch.Tensor] = {}
-    base = getattr(model, "model", None)
-    layers = getattr(base, "layers", None)
-    if layers is None:
-        raise ConfigError(f"{type(model).__name__} has no .model.layers: resrl cannot read its hidden states "
-                          "(ResRL's weights and diagnostics need them; algorithm.diagnostics=false and a "
-                          "baseline algorithm avoid it)")
-    L = len(layers)
-    j = layer + L + 1 if layer < 0 else layer
-    if not 1 <= j <= L:
-        raise ConfigError(f"algorithm.hidden_layer={layer} is outside 1..{L} (or -1..-{L})")
-    target = base.norm if j == L else layers[j - 1]
-
-    def hook(_module, _inputs, output):
-        box["h"] = output[0] if isinstance(output, tuple) else output
-
-    handle = target.register_forward_hook(hook)
-    try:
-        yield box
-    finally:
-        handle.remove()
 
 
 @contextlib.contextmanager
@@ -155,26 +135,31 @@ class PolicyTrainer:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config,
             lr_scheduler=warmup_schedule(t.warmup_steps * self.opt_steps_per_rl_step))
+        self._sampler_agrees = False  # until a scoring pass has checked the sampler's log-probs (sampler_scores_apply)
         self.ref_model = None
         if cfg.loss.kl_coef > 0:
             self.ref_model = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype).to(self.device)
             self.ref_model.eval().requires_grad_(False)
 
     # ------------------------------------------------------------------ the RL step
-    def train_step(self, batch: RolloutBatch, step: int) -> dict[str, float]:
+    def train_step(self, batch: RolloutBatch, step: int, sampled: SamplerStates | None = None) -> dict[str, float]:
+        """One RL update on `batch`; `sampled`: what the sampler kept from drawing it, if anything."""
         cfg, t = self.cfg, self.cfg.trainer
         self._step = step  # for the divergence guard's message
         svd_seed = seeds.residual_svd(cfg.seed, step)
         agg = self.algorithm.effective_loss_agg(cfg.loss.agg)
         diagnose = diagnostics_due(step, cfg.algorithm)
         mask = batch.response_mask()
+        from_sampler = False
         if self.single_pass_applies(diagnose):
             # one on-policy pass: the loss's own forward gives the old log-probs and the hidden states
             scored, adv, train_rows, losses, grad_norms, sums = self._single_pass_update(batch, agg, svd_seed)
             pushed = {}
         else:
-            # 1. old log-probs, entropy and token weights, without gradients
-            scored = self.score(batch, seed=svd_seed)
+            # 1. old log-probs and token weights: the sampler's, or a no-grad pass
+            from_sampler = self.sampler_scores_apply(batch, sampled, diagnose)
+            scored = self._scores_from_sampler(batch, sampled, svd_seed) if from_sampler \
+                else self.score(batch, seed=svd_seed)
             # 2. advantages, token by token
             adv = self.advantages(batch, scored)
             train_rows = torch.arange(len(batch))
@@ -222,10 +207,84 @@ class PolicyTrainer:
             metrics.update(pushed)
             new_logp = self.positive_logp(batch)
             metrics.update(displacement.update_displacement(scored.logp, new_logp, mask, classes, batch.correct))
+        metrics["old_logp_from_sampler"] = float(from_sampler)
         sampler = batch.sampler_logp_tensor()
-        if sampler is not None:  # the old log-probs come from the trainer; check them against vLLM's
+        if sampler is not None and not from_sampler:  # the old log-probs come from the trainer: check the sampler's
             metrics.update(sampler_agreement(scored.logp, sampler, mask))
+            self._note_agreement(metrics["sampler_logp_diff_max"], step)
         return metrics
+
+    # ------------------------------------------------------------------ the sampler's scores
+    def wants_sampler_states(self) -> int | None:
+        """The hidden layer the sampler should keep while drawing a step's batch, so the update can
+        skip its scoring pass (`sampler_scores_apply`); None when nothing is to be kept (the
+        path is off, or can never apply here, or the algorithm weights no tokens)."""
+        if not self._sampler_scores_possible():
+            return None
+        return self.cfg.algorithm.hidden_layer if self.algorithm.weights_to_compute(
+            self.cfg.algorithm.diagnostics) is not None else None
+
+    def _sampler_scores_possible(self) -> bool:
+        """The run-wide conditions of `sampler_scores_apply`."""
+        cfg = self.cfg
+        return bool(cfg.trainer.sampler_scores and self.world_size == 1 and self.ref_model is None
+                    and self.dtype == torch.float32 and cfg.loss.rollout_correction.mode == "none"
+                    and float(cfg.rollout.top_p) >= 1.0 and int(cfg.rollout.top_k) <= 0)
+
+    def sampler_scores_apply(self, batch: RolloutBatch, sampled: SamplerStates | None, diagnose: bool) -> bool:
+        """Whether the sampler's log-probs (and hidden states) replace the scoring pass this step
+        (`trainer.sampler_scores`). They are the old log-probs of a separate pass up to float noise
+        when the sampler is the Hugging Face copy of these weights in float32, scoring the full
+        distribution (no top-k / top-p) and with no rollout correction (which they would undo).
+        A scoring pass still runs - and checks the agreement (`SAMPLER_LOGP_TOL`) - on the first
+        update of a process, on diagnostics steps (they compare the two), with several ranks or a
+        reference model, and for a batch the sampler's record does not cover (a resumed step)."""
+        if not self._sampler_scores_possible() or sampled is None or not self._sampler_agrees or diagnose:
+            return False
+        if batch.sampler_logp is None or bool(torch.isnan(batch.sampler_logp_tensor()[batch.response_mask()]).any()):
+            return False
+        needs_states = self.algorithm.weights_to_compute(self.cfg.algorithm.diagnostics) is not None
+        if needs_states:
+            if sampled.hidden is None or sampled.layer != self.cfg.algorithm.hidden_layer \
+                    or len(sampled.hidden) != len(batch):
+                return False
+            if any(h is None or h.shape[0] != len(r) for h, r in zip(sampled.hidden, batch.response_ids)):
+                return False
+        return True
+
+    def _note_agreement(self, gap: float, step: int) -> None:
+        """After a scoring pass: whether the sampler's log-probs may stand in for the old ones."""
+        agrees = math.isfinite(gap) and gap <= SAMPLER_LOGP_TOL
+        if self._sampler_agrees and not agrees:
+            warnings.warn(f"RL step {step}: the sampler's log-probs are {gap:.3g} nats from the trainer's (more than "
+                          f"{SAMPLER_LOGP_TOL:g}); the old log-probs come from a scoring pass again "
+                          "(trainer.sampler_scores)", RuntimeWarning, stacklevel=2)
+        self._sampler_agrees = agrees
+
+    def _scores_from_sampler(self, batch: RolloutBatch, sampled: SamplerStates, seed: int) -> Scored:
+        """`_score_groups`'s result from the sampler's record: its log-probs as the old ones and its
+        hidden states into the token weights, over the same chunks of whole groups (entropy: NaN,
+        the scoring pass's only figure nothing here reads)."""
+        mask = batch.response_mask()
+        B, T = mask.shape
+        logp = batch.sampler_logp_tensor().masked_fill(~mask, 0.0)
+        weights, stats = torch.ones(B, T), []
+        token_fn = self.algorithm.weights_to_compute(self.cfg.algorithm.diagnostics)
+        if token_fn is not None:
+            H = sampled.hidden[0].shape[-1]
+            for rows in group_chunks(batch.group_ids, self.cfg.trainer.micro_batch_size):
+                t = max(max(len(batch.response_ids[r]) for r in rows.tolist()), 1)
+                hidden = torch.zeros(len(rows), t, H)
+                for i, r in enumerate(rows.tolist()):
+                    hidden[i, :len(sampled.hidden[r])] = sampled.hidden[r]
+                w, st = token_fn(hidden.to(self.device), mask[rows, :t].to(self.device),
+                                 batch.correct[rows].to(self.device), batch.group_ids[rows].to(self.device),
+                                 self.cfg.algorithm, seed=seed)
+                weights[rows, :t] = w.float().cpu()
+                stats.append(st)
+        applied = weights if self.algorithm.token_weights is not None else torch.ones(B, T)
+        return Scored(logp, torch.full((B, T), float("nan")), applied, None, ResidualStats.merge(stats),
+                      weights if token_fn is not None else None)
 
     @torch.no_grad()
     def score(self, batch: RolloutBatch, *, seed: int = 0) -> Scored:

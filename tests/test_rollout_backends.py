@@ -85,18 +85,24 @@ def test_session_step_with_the_hf_backend(workdir, smoke_prepared):
     from conftest import ROOT, smoke_overrides
     from resrl.session import TrainingSession
 
-    cfg = load_config(ROOT / "conf" / "smoke.yaml", smoke_overrides(Path(workdir)) + ["rollout.backend=hf"])
+    cfg = load_config(ROOT / "conf" / "smoke.yaml", smoke_overrides(Path(workdir)) + [
+        "rollout.backend=hf", "algorithm.diagnostics_every=1000"])
     s = TrainingSession(cfg, smoke_prepared, smoke_prepared["policy_dir"], None)
     try:
         assert isinstance(s.engine, HFRolloutEngine)
         batch, metrics = s.rollout(1)
         assert len(batch) == cfg.rollout.prompts_per_step * cfg.rollout.n
         assert 0 < metrics["train/pass_rate"] < 1
-        update = s.update(1, batch)
+        update = s.update(1, RolloutBatch.load(batch.save(Path(workdir) / "hf-step-1.safetensors")))  # as the flow
         assert update["train/sampler_logp_diff_max"] < 1e-4  # before the update: the same weights
+        assert update["train/old_logp_from_sampler"] == 0.0  # the first update scores, and checks the sampler
         fresh, _ = s.rollout(2)
         gap = sampler_agreement(s.trainer.score(fresh).logp, fresh.sampler_logp_tensor(), fresh.response_mask())
         assert gap["sampler_logp_diff_max"] < 1e-4, gap  # the update reached the sampler
+        # trainer.sampler_scores: from the second update on, the sampler's record replaces the scoring pass
+        second = s.update(2, RolloutBatch.load(fresh.save(Path(workdir) / "hf-step-2.safetensors")))
+        assert second["train/old_logp_from_sampler"] == 1.0 and "train/sampler_logp_diff_max" not in second
+        assert s._sampled is None  # used once
     finally:
         s.close()
 
