@@ -119,7 +119,8 @@ class TrainingSession:
         sampling = dict(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_tokens=r.max_tokens,
                         seed=seeds.rollout(cfg.seed, step) + share.start, logprobs=True)
         prompts = [row["prompt_token_ids"] for row in rows]
-        layer = self.trainer.wants_sampler_states() if hasattr(self.engine, "generate_with_states") else None
+        keeps = hasattr(self.engine, "generate_with_states")  # the hf sampler; vLLM keeps no states
+        layer = self.trainer.wants_sampler_states() if keeps else None
         self._sampled = None
         if layer is not None:  # the sampler keeps ResRL's hidden states: the update skips its scoring pass
             outputs, states = self.engine.generate_with_states(prompts, hidden_layer=layer, **sampling)
@@ -150,7 +151,7 @@ class TrainingSession:
         rewards = shape_rewards(scores, [len(ids) for ids in response_ids], cfg.reward.length_scale, r.max_tokens)
         batch = RolloutBatch(prompt_ids, response_ids, rewards, scores_t, torch.tensor(group_ids), texts,
                              sampler_logp)
-        if self.world_size == 1:
+        if keeps and self.world_size == 1:
             self._sampled = SamplerStates(step, layer, hidden if states is not None else None)
         metrics = {f"train/{k}": v for k, v in rollout_metrics(batch, r.n, r.max_tokens, self.stop_ids).items()}
         metrics["train/reward_errors"] = float(errors)

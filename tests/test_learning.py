@@ -115,6 +115,7 @@ def test_sampler_and_trainer_agree_after_sync_and_not_without(learner):
         metrics = learner.update(step, batch)
         assert metrics["train/sampler_logp_diff_max"] < AGREE_TOL  # logged every step
         assert abs(metrics["train/sampler_ratio_mean"] - 1) < AGREE_TOL
+        assert metrics["train/old_logp_from_sampler"] == 0.0  # vLLM keeps no states: the trainer scores (and checks)
     assert _gap(learner, 3) < AGREE_TOL
 
     batch, _ = learner.rollout(3)
