@@ -243,12 +243,15 @@ def _rl_step(run: _Run, prepared: dict, step: int) -> dict:
     metrics = {**roll["metrics"], **upd["metrics"]}
     run.uncommitted.append((step, metrics))
     errors = int(metrics["train/reward_errors"])  # failed reward calls, scored 0 (see reward.max_error_fraction)
+    # the sampler-trainer gap, or that the sampler's log-probs were the old ones (trainer.sampler_scores)
+    agreement = "old logp from sampler" if metrics.get("train/old_logp_from_sampler") else \
+        f"sampler dlogp {metrics.get('train/sampler_logp_diff_max', float('nan')):.1e}"
     run.logger.info("step %d/%d | reward %.3f | pass %.3f | len %.1f | loss %.4f | gnorm %.3f | "
-                    "w_neg %.3f | dlogp+ %.3f | sampler dlogp %.1e | %.1fs rollout %.1fs update%s", step,
+                    "w_neg %.3f | dlogp+ %.3f | %s | %.1fs rollout %.1fs update%s", step,
                     cfg.trainer.steps, metrics["train/reward_mean"], metrics["train/pass_rate"],
                     metrics["train/response_length"], metrics["train/loss"], metrics["train/grad_norm"],
                     metrics.get("train/resrl/weight_mean", float("nan")), metrics.get("train/disp/seq_logp_change", float("nan")),
-                    metrics.get("train/sampler_logp_diff_max", float("nan")), metrics["time/rollout_s"],
+                    agreement, metrics["time/rollout_s"],
                     metrics["time/update_s"], f" | reward errors {errors}" if errors else "")
     if upd["checkpoint"]:
         save_step_metrics(Path(upd["checkpoint"]), run.uncommitted)
