@@ -86,8 +86,9 @@ def test_the_sampler_scored_update_equals_the_scoring_pass_update(drawn, micro_m
         if key != "old_logp_from_sampler":
             assert value == pytest.approx(want[key], rel=1e-4, abs=1e-5, nan_ok=True), key
     after = dict(reference.named_weights())
-    for k, v in fast.named_weights():  # 1e-5: 1 % of one Adam step at lr 1e-3 (as the single-pass test)
-        torch.testing.assert_close(v, after[k], atol=1e-5, rtol=1e-5)
+    for k, v in fast.named_weights():  # two Adam steps at lr 1e-3, each ~lr * g / (|g| + eps): where |g| is
+        # near eps float noise moves a weight by a fraction of lr; 3e-5 is 1.5 % of the two steps (1.7e-5 seen)
+        torch.testing.assert_close(v, after[k], atol=3e-5, rtol=1e-5)
 
 
 def test_the_sampler_stands_in_only_once_checked_and_where_it_can(drawn, micro_model):
