@@ -35,8 +35,9 @@ def slow_reference(hs, mask, pos, gid, rank, q_low, q_high, min_weight, max_pos_
         P = np.array(P)
         mu = P.mean(0)
         Pc = P - mu
-        k = min(rank, len(P) - 1, H)
-        _, _, Vt = np.linalg.svd(Pc, full_matrices=False)
+        _, S, Vt = np.linalg.svd(Pc, full_matrices=False)
+        spanned = int((S ** 2 > 1e-9 * S[0] ** 2).sum()) if S[0] > 0 else 0  # directions P really spans
+        k = min(rank, len(P) - 1, H, spanned)
         V = Vt[:k].T
         d = {}
         for b in nrow:
@@ -228,3 +229,26 @@ def test_bad_inputs_raise():
         residual_token_weights(hs, mask, pos, gid, q_low=0.9, q_high=0.5)
     with pytest.raises(ValueError, match="response_mask"):
         residual_token_weights(hs, mask[:, :3], pos, gid)
+
+
+@pytest.mark.parametrize("svd", ["exact", "randomized"])
+def test_directions_the_positives_do_not_span_are_not_used(svd):
+    """A group whose positives span fewer directions than the rank asks for (their first tokens share
+    one state, as every response's first token is read from the same prompt state): the weights
+    are those of the spanned basis, and rounding-level changes of the states do not move them
+    (a noise direction in the basis would point wherever the rounding sends it)."""
+    g = torch.Generator().manual_seed(7)
+    H, T = 32, 3
+    hs = torch.randn(6, T, H, generator=g)
+    hs[:, 0] = hs[0, 0]                      # every response's first state: the prompt's last
+    mask = torch.ones(6, T, dtype=torch.bool)
+    mask[:3, 2] = False                      # positives: 2 tokens each, 3 distinct states + 1 shared
+    pos = torch.tensor([True, True, True, False, False, False])
+    gid = torch.zeros(6, dtype=torch.long)
+    rank = 6                                 # > the 3 directions 4 distinct centred states span (M - 1 = 5)
+    want = slow_reference(hs.numpy(), mask.numpy(), pos.numpy(), gid.numpy(), rank, 0.2, 0.8, 0.1)
+    w, stats = residual_token_weights(hs, mask, pos, gid, rank=rank, svd=svd, return_stats=True)
+    np.testing.assert_allclose(w.numpy(), want, atol=1e-4)
+    assert stats.rank_sum == 3
+    noisy = hs * (1 + 1e-6 * torch.randn(hs.shape, generator=g))
+    torch.testing.assert_close(residual_token_weights(noisy, mask, pos, gid, rank=rank, svd=svd), w, atol=1e-3, rtol=0)

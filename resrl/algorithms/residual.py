@@ -6,7 +6,8 @@ For each prompt group with at least one positive and one negative response:
 1. P = the positive responses' valid token states (each response evenly subsampled
    to its share of `max_pos_tokens` when there are more), layer-normalized over H
    (no affine), centred on their mean mu.
-2. V = the top-k right singular vectors of P, k = min(rank, M - 1, H).
+2. V = the top-k right singular vectors of P, k = min(rank, M - 1, H), less the
+   directions P does not span (singular value at rounding level, `SPAN_RTOL`).
 3. For each negative token x: z = LN(x) - mu, r = z - V V^T z, d = ||r||^2 / H.
 4. lo, hi = the q_low / q_high quantiles of d over the group's negative tokens;
    w = min_weight + (1 - min_weight) * clamp((d - lo) / (hi - lo), 0, 1), or
@@ -24,6 +25,9 @@ import torch
 import torch.nn.functional as F
 
 LN_EPS = 1e-5
+# a basis direction counts when its squared singular value is above this share of the largest
+# (float32 rounding leaves ~1e-12 in a direction the positives do not span)
+SPAN_RTOL = 1e-9
 SVD_METHODS = ("randomized", "exact")  # the randomized range finder, or a float64 SVD
 
 
@@ -132,7 +136,11 @@ def residual_token_weights(
 
     k_g = torch.clamp(torch.minimum(M - 1, torch.full_like(M, min(rank, H))), min=0)
     basis, sq_sing = _top_right_singular_vectors(P_pad, int(k_g.max()), svd, oversample, power_iters, seed)
-    keep = torch.arange(basis.shape[-1], device=device)[None, :] < k_g[:, None]   # (G, k)
+    # A direction whose singular value is at rounding level (duplicate states - every response's first
+    # token is read from the same prompt state - or M <= k) is not in the positives' span: where it
+    # points is decided by float noise, and with it the negatives' residuals. It is dropped.
+    keep = (torch.arange(basis.shape[-1], device=device)[None, :] < k_g[:, None]) \
+        & (sq_sing > SPAN_RTOL * sq_sing[:, :1])                                   # (G, k)
     basis = basis * keep[:, None, :].to(basis.dtype)
 
     # ---- negative tokens: same normalization and centre, residual energy per token
@@ -171,7 +179,7 @@ def residual_token_weights(
         weight_min=float(w_neg.min()),
         alignment_sum=float(frac.double().sum()),
         explained_sum=float(ev.double().sum()),
-        rank_sum=float(k_g.double().sum()),
+        rank_sum=float(keep.double().sum()),
     )
     return weights, stats
 
