@@ -39,12 +39,13 @@ import torch
 from resrl import checkpoint, displacement, seeds
 from resrl.schedule import diagnostics_due
 from resrl.algorithms import SUMMED_KEYS, ResidualStats, get_algorithm, policy_loss, summed_keys, token_coefficients
-from resrl.batch import RolloutBatch, SamplerStates, pack
+from resrl.batch import RolloutBatch, SamplerStates
 from resrl.deepspeed_setup import deepspeed_config, init_distributed, warmup_schedule
 from resrl.devices import resolve_device, resolve_dtype
 from resrl.errors import UserError
 from resrl.hidden_states import capture_hidden
 from resrl.metrics import advantage_metrics, sampler_agreement
+from resrl.shared_prompts import forward_rows
 
 # nats: the largest |trainer - sampler| token log-prob gap at which the sampler's log-probs stand in for the
 # old ones (trainer.sampler_scores). Float32 on the CPU agrees to ~1e-5; a 1e-3 gap moves a PPO ratio by 0.1 %,
@@ -53,8 +54,8 @@ SAMPLER_LOGP_TOL = 1e-3
 
 
 def response_logits(logits: torch.Tensor, T: int) -> torch.Tensor:
-    """The logits that score response tokens 0..T-1, from the last T + 1 positions of a
-    packed batch (prompt left-padded to P): position P - 1 + t predicts token t."""
+    """The logits that score response tokens 0..T-1, from the last T + 1 positions the forward
+    kept (resrl/shared_prompts.py): kept position t predicts token t."""
     return logits[:, :T]
 
 
@@ -135,6 +136,8 @@ class PolicyTrainer:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config,
             lr_scheduler=warmup_schedule(t.warmup_steps * self.opt_steps_per_rl_step))
+        # ZeRO-3 gathers the parameters around each engine call; the two calls of a shared-prompt forward are kept to one
+        self._share_prompts = bool(t.share_prompts) and self.zero_stage < 3
         self._sampler_agrees = False  # until a scoring pass has checked the sampler's log-probs (sampler_scores_apply)
         self.ref_model = None
         if cfg.loss.kl_coef > 0:
@@ -177,6 +180,8 @@ class PolicyTrainer:
                 for rows in torch.tensor_split(perm, t.mini_batches):
                     if not len(rows):
                         continue
+                    if self._share_prompts:  # a group's rows side by side: fewer distinct prompts per micro-batch
+                        rows = rows[torch.argsort(batch.group_ids[rows], stable=True)]
                     coef = torch.zeros(mask.shape)  # (B, T), non-zero only on this mini-batch
                     coef[rows] = token_coefficients(mask[rows], agg, max_len=cfg.rollout.max_tokens)
                     loss, norm, step_sums = self._optimizer_step(
@@ -529,23 +534,20 @@ class PolicyTrainer:
     def _forward(self, model, batch: RolloutBatch, rows: torch.Tensor, *, hidden_layer=None):
         """Response log-probs and entropy (B, T) of the batch's `rows`; optionally the hidden states (B, T, H)."""
         idx = rows.tolist()
-        packed = pack([batch.prompt_ids[r] for r in idx], [batch.response_ids[r] for r in idx], self.pad_id)
-        P, T = packed["prompt_width"], packed["response_mask"].shape[1]
-        inputs = {k: packed[k].to(self.device) for k in ("input_ids", "attention_mask", "position_ids")}
         ctx = capture_hidden(getattr(model, "module", model), hidden_layer) if hidden_layer is not None \
             else contextlib.nullcontext({})
         with ctx as box:
-            out = model(**inputs, use_cache=False, logits_to_keep=T + 1)
+            out = forward_rows(model, [batch.prompt_ids[r] for r in idx], [batch.response_ids[r] for r in idx],
+                               self.pad_id, self.device, share_prompts=self._share_prompts)
+        T = out.mask.shape[1]
         logits = response_logits(out.logits, T).float()
         if self.cfg.rollout.temperature > 0:  # score the distribution the sampler drew from
             logits = logits / self.cfg.rollout.temperature
         logprobs = logits.log_softmax(-1)
-        targets = inputs["input_ids"][:, P:P + T]
-        logp = logprobs.gather(-1, targets[..., None]).squeeze(-1)
+        logp = logprobs.gather(-1, out.targets[..., None]).squeeze(-1)
         entropy = -(logprobs.exp() * logprobs).sum(-1)
-        mask = packed["response_mask"].to(self.device)
-        hidden = box["h"][:, P - 1:P + T - 1] if hidden_layer is not None else None
-        return logp * mask, entropy * mask, mask, hidden
+        hidden = box["h"][:, out.state_offset:out.state_offset + T] if hidden_layer is not None else None
+        return logp * out.mask, entropy * out.mask, out.mask, hidden
 
     def _grad_norm_after(self, norm: float) -> float:
         """`norm` from before the step, or (ZeRO, mixed precision) the engine's own figure."""
