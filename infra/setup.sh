@@ -26,10 +26,7 @@ $PIP install -q "torch==2.13.0" 2>/dev/null \
 $PIP install -q --no-deps -r requirements/cpu.lock
 DS_BUILD_OPS=0 $PIP install -q --no-deps --no-build-isolation "deepspeed==0.19.8"
 $PIP install -q --no-deps -e .
-# DeepSpeed's CPU shared-memory comm op (ninja + gcc, about a minute), built now into torch's extension
-# cache rather than JIT-built inside the first run's engine start
-DS_ACCELERATOR=cpu "$VENV/bin/python" -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null 2>&1 \
-  || echo "note: DeepSpeed's CPU comm op was not built now; the first run builds it"
+# (DeepSpeed's CPU shared-memory comm op is not built: resrl/deepspeed_setup.py keeps DeepSpeed from needing it)
 "$VENV/bin/python" -c "import torch, vllm, deepspeed, prefect, mlflow, transformers; print('stack ok: torch', torch.__version__, '| vllm', vllm.__version__, '| deepspeed', deepspeed.__version__, '| prefect', prefect.__version__, '| mlflow', mlflow.__version__)" 2>&1 | grep "stack ok"
 rm -f "$VENV"/.setup-*
 touch "$STAMP"

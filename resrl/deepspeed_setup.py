@@ -18,6 +18,7 @@ def init_distributed(device: str) -> None:
     import deepspeed
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    _without_shm_comm_op()  # before anything makes DeepSpeed's comm backend (deepspeed.initialize does too)
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="gloo" if device == "cpu" else "nccl")
     # Closing a vLLM engine destroys the default process group; DeepSpeed keeps its clone of
@@ -28,6 +29,17 @@ def init_distributed(device: str) -> None:
     world = groups._WORLD_GROUP
     if world is not None and world not in torch.distributed.distributed_c10d._world.pg_group_ranks:
         groups._WORLD_GROUP = None
+
+
+def _without_shm_comm_op() -> None:
+    """DeepSpeed's comm backend builds (gcc, ~40 s the first time: ../shared/STACK.md) and loads a
+    shared-memory op on the CPU at init. Only `inference_all_reduce` (tensor-parallel inference)
+    uses it; training's collectives go through torch.distributed (gloo). So it is not built."""
+    import importlib
+
+    ds_torch = importlib.import_module("deepspeed.comm.torch")  # (the attribute deepspeed.comm.torch is torch itself)
+    if hasattr(ds_torch, "build_shm_op"):
+        ds_torch.build_shm_op = lambda: None
 
 
 def zero_stage(configured: int, dtype: torch.dtype) -> int:
