@@ -21,10 +21,10 @@ echo "setting up $VENV (a few minutes, about 4 GB) ..."
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 PIP="$VENV/bin/python -m pip"
 $PIP install -q --upgrade "pip>=24"
-$PIP install -q "torch==2.13.0" 2>/dev/null \
-  || $PIP install -q "torch==2.13.0+cpu" --index-url https://download.pytorch.org/whl/cpu
-$PIP install -q --no-deps -r requirements/cpu.lock
-DS_BUILD_OPS=0 $PIP install -q --no-deps --no-build-isolation "deepspeed==0.19.8"
+$PIP install -q --no-compile "torch==2.13.0" 2>/dev/null \
+  || $PIP install -q --no-compile "torch==2.13.0+cpu" --index-url https://download.pytorch.org/whl/cpu
+$PIP install -q --no-compile --no-deps -r requirements/cpu.lock
+DS_BUILD_OPS=0 $PIP install -q --no-compile --no-deps --no-build-isolation "deepspeed==0.19.8"
 $PIP install -q --no-deps -e .
 # (DeepSpeed's CPU shared-memory comm op is not built: resrl/deepspeed_setup.py keeps DeepSpeed from needing it)
 "$VENV/bin/python" -c "import torch, vllm, deepspeed, prefect, mlflow, transformers; print('stack ok: torch', torch.__version__, '| vllm', vllm.__version__, '| deepspeed', deepspeed.__version__, '| prefect', prefect.__version__, '| mlflow', mlflow.__version__)" 2>&1 | grep "stack ok"
