@@ -162,8 +162,8 @@ class TrainingSession:
         lead("update", step=step, batch=batch)  # every rank trains on the whole batch
         t0 = time.time()
         sampled, self._sampled = self._sampled, None
-        if sampled is not None and (sampled.step != step or len(sampled.hidden or batch) != len(batch)):
-            sampled = None  # not this batch's record
+        if sampled is not None and sampled.step != step:
+            sampled = None  # not this batch's record (the trainer checks that it covers the batch)
         metrics = {f"train/{k}": v for k, v in self.trainer.train_step(batch, step, sampled).items()}
         t1 = time.time()
         self.engine.load_weights(self.trainer.named_weights())

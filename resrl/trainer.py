@@ -125,6 +125,8 @@ class PolicyTrainer:
             else self.tokenizer.eos_token_id
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
         self.algorithm = get_algorithm(cfg.algorithm.name)
+        # the token weights this run computes (ResRL's; for any algorithm with algorithm.diagnostics), or None
+        self.token_fn = self.algorithm.weights_to_compute(cfg.algorithm.diagnostics)
         # with dropout the training forward is not the scoring forward: such a model keeps the separate pass
         self._dropout = any(isinstance(v, float) and v > 0 for k, v in model.config.to_dict().items()
                             if "dropout" in k) or any(isinstance(m, torch.nn.Dropout) and m.p > 0
@@ -226,8 +228,7 @@ class PolicyTrainer:
         path is off, or can never apply here, or the algorithm weights no tokens)."""
         if not self._sampler_scores_possible():
             return None
-        return self.cfg.algorithm.hidden_layer if self.algorithm.weights_to_compute(
-            self.cfg.algorithm.diagnostics) is not None else None
+        return self.cfg.algorithm.hidden_layer if self.token_fn is not None else None
 
     def _sampler_scores_possible(self) -> bool:
         """The run-wide conditions of `sampler_scores_apply`."""
@@ -248,8 +249,7 @@ class PolicyTrainer:
             return False
         if batch.sampler_logp is None or bool(torch.isnan(batch.sampler_logp_tensor()[batch.response_mask()]).any()):
             return False
-        needs_states = self.algorithm.weights_to_compute(self.cfg.algorithm.diagnostics) is not None
-        if needs_states:
+        if self.token_fn is not None:  # the states the token weights are computed from
             if sampled.hidden is None or sampled.layer != self.cfg.algorithm.hidden_layer \
                     or len(sampled.hidden) != len(batch):
                 return False
@@ -274,22 +274,19 @@ class PolicyTrainer:
         B, T = mask.shape
         logp = batch.sampler_logp_tensor().masked_fill(~mask, 0.0)
         weights, stats = torch.ones(B, T), []
-        token_fn = self.algorithm.weights_to_compute(self.cfg.algorithm.diagnostics)
-        if token_fn is not None:
+        if self.token_fn is not None:
             H = sampled.hidden[0].shape[-1]
             for rows in group_chunks(batch.group_ids, self.cfg.trainer.micro_batch_size):
                 t = max(max(len(batch.response_ids[r]) for r in rows.tolist()), 1)
                 hidden = torch.zeros(len(rows), t, H)
                 for i, r in enumerate(rows.tolist()):
                     hidden[i, :len(sampled.hidden[r])] = sampled.hidden[r]
-                w, st = token_fn(hidden.to(self.device), mask[rows, :t].to(self.device),
+                w, st = self.token_fn(hidden.to(self.device), mask[rows, :t].to(self.device),
                                  batch.correct[rows].to(self.device), batch.group_ids[rows].to(self.device),
                                  self.cfg.algorithm, seed=seed)
                 weights[rows, :t] = w.float().cpu()
                 stats.append(st)
-        applied = weights if self.algorithm.token_weights is not None else torch.ones(B, T)
-        return Scored(logp, torch.full((B, T), float("nan")), applied, None, ResidualStats.merge(stats),
-                      weights if token_fn is not None else None)
+        return self._scored(logp, torch.full((B, T), float("nan")), weights, None, stats)
 
     @torch.no_grad()
     def score(self, batch: RolloutBatch, *, seed: int = 0) -> Scored:
@@ -312,24 +309,28 @@ class PolicyTrainer:
         ref = torch.zeros(B, T) if self.ref_model is not None else None
         stats = []
         correct = batch.correct
-        token_fn = self.algorithm.weights_to_compute(self.cfg.algorithm.diagnostics)
-        layer = self.cfg.algorithm.hidden_layer if token_fn else None
+        layer = self.cfg.algorithm.hidden_layer if self.token_fn else None
         with evaluating(self.engine):
             for rows in group_chunks(batch.group_ids, self.cfg.trainer.micro_batch_size):
                 lp, ent, mask, hidden = self._forward(self.engine, batch, rows, hidden_layer=layer)
                 t = lp.shape[1]
                 logp[rows, :t], entropy[rows, :t] = lp.float().cpu(), ent.float().cpu()
-                if token_fn is not None:
-                    w, st = token_fn(hidden, mask, correct[rows].to(self.device),
+                if self.token_fn is not None:
+                    w, st = self.token_fn(hidden, mask, correct[rows].to(self.device),
                                      batch.group_ids[rows].to(self.device), self.cfg.algorithm, seed=seed)
                     weights[rows, :t] = w.float().cpu()
                     stats.append(st)
                 if ref is not None:
                     rlp, _, _, _ = self._forward(self.ref_model, batch, rows)
                     ref[rows, :t] = rlp.float().cpu()
-        applied = weights if self.algorithm.token_weights is not None else torch.ones(B, T)
+        return self._scored(logp, entropy, weights, ref, stats)
+
+    def _scored(self, logp, entropy, weights, ref, stats: list[ResidualStats]) -> Scored:
+        """The pass's result: the token weights apply only for an algorithm that weights tokens (the
+        others compute them for the diagnostics alone, or not at all)."""
+        applied = weights if self.algorithm.token_weights is not None else torch.ones_like(weights)
         return Scored(logp, entropy, applied, ref, ResidualStats.merge(stats),
-                      weights if token_fn is not None else None)
+                      weights if self.token_fn is not None else None)
 
     def advantages(self, batch: RolloutBatch, scored: Scored) -> torch.Tensor:
         seq_adv = self.algorithm.advantages(batch.rewards.float(), batch.correct, batch.group_ids,
@@ -362,8 +363,7 @@ class PolicyTrainer:
             train_rows = ((seq_adv[:, None] * mask) != 0).any(dim=1).nonzero().flatten()
         coef = torch.zeros(B, T)
         coef[train_rows] = token_coefficients(mask[train_rows], agg, max_len=cfg.rollout.max_tokens)
-        token_fn = self.algorithm.weights_to_compute(cfg.algorithm.diagnostics)
-        layer = cfg.algorithm.hidden_layer if token_fn else None
+        layer = cfg.algorithm.hidden_layer if self.token_fn else None
         logp, entropy, weights, adv = torch.zeros(B, T), torch.zeros(B, T), torch.ones(B, T), torch.zeros(B, T)
         stats = []
         correction = self._corrected(batch)
@@ -373,9 +373,9 @@ class PolicyTrainer:
             lp, ent, m, hidden = self._forward(self.engine, batch, rows, hidden_layer=layer)
             w = lp.shape[1]
             logp[rows, :w], entropy[rows, :w] = lp.detach().float().cpu(), ent.detach().float().cpu()  # old = own
-            if token_fn is not None:
+            if self.token_fn is not None:
                 with torch.no_grad():
-                    tw, st = token_fn(hidden.detach(), m, batch.correct[rows].to(self.device),
+                    tw, st = self.token_fn(hidden.detach(), m, batch.correct[rows].to(self.device),
                                       batch.group_ids[rows].to(self.device), cfg.algorithm, seed=seed)
                 weights[rows, :w] = tw.float().cpu()
                 stats.append(st)
@@ -384,7 +384,7 @@ class PolicyTrainer:
             return self._policy_loss(rows, lp, ent, m, logp, adv, coef, None, sampler)  # no reference model here
 
         # rows outside the update are forwarded only when their hidden states feed the token weights
-        micro = list(group_chunks(batch.group_ids, cfg.trainer.micro_batch_size)) if token_fn is not None \
+        micro = list(group_chunks(batch.group_ids, cfg.trainer.micro_batch_size)) if self.token_fn is not None \
             else self._micro_batches(train_rows)
         losses, grad_norms, sums = [], [], Counter(dict.fromkeys(SUMMED_KEYS, 0.0))
         if len(train_rows):
@@ -392,13 +392,11 @@ class PolicyTrainer:
                                                      batch)
             losses, grad_norms = [loss], [norm]
             sums.update(sums_)
-        elif token_fn is not None:  # nothing to train, but the weights are still logged
+        elif self.token_fn is not None:  # nothing to train, but the weights are still logged
             with torch.no_grad():
                 for rows in micro:
                     loss_of(rows)
-        applied = weights if self.algorithm.token_weights is not None else torch.ones(B, T)
-        scored = Scored(logp, entropy, applied, None, ResidualStats.merge(stats),
-                        weights if token_fn is not None else None)
+        scored = self._scored(logp, entropy, weights, None, stats)
         return scored, adv, train_rows, losses, grad_norms, sums
 
     def _corrected(self, batch: RolloutBatch) -> bool:
