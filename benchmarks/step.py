@@ -13,7 +13,7 @@ decay and linear warm-up (handed to TRL's trainer as `optimizers=`), gradient cl
 with Hugging Face `generate` (`use_vllm=False`) and is rewarded by resrl's own verifier (the
 config's reward function, called through `resrl.evaluation.score_samples`).
 
-resrl runs in this project's .venv: a `TrainingSession` (the flow's live vLLM engine and DeepSpeed
+resrl runs in this project's .venv: a `TrainingSession` (the flow's live rollout engine and DeepSpeed
 trainer) called as the flow's tasks call it, without Prefect or MLflow, with the run-folder I/O the
 flow does per step (rollouts file written and read back, checkpoint, manifest). TRL runs in its own
 virtual environment, `.cache/bench-trl-venv`, made on first use: it reads this .venv's
@@ -23,13 +23,14 @@ other; its peak RSS is the child's (wait4).
 
 Stages (seconds; median over the measured steps, after the warm-up steps):
 
-- rollout: sampling (resrl: vLLM; TRL: HF generate), the verifier, building the batch
+- rollout: sampling (resrl: the config's `rollout.backend`, on the CPU `auto` = HF generate; TRL: HF
+  generate), the verifier, building the batch
   (resrl's `time/rollout_s`; TRL: `_generate` + `_calculate_rewards`);
 - old log-probs: the no-grad scoring pass before the update (resrl: `PolicyTrainer.score`, with
   ResRL's hidden states and token weights; TRL: its no-grad `_get_per_token_logps_and_entropies`);
 - update: the loss passes and optimizer steps (resrl: `time/update_s` less the scoring pass and
   the diagnostics; TRL: the RL step less the two above, so also its advantages and bookkeeping);
-- weight sync: the new weights into vLLM (`time/weight_sync_s`; TRL samples from the model itself);
+- weight sync: the new weights into the sampler (`time/weight_sync_s`; TRL samples from the model itself);
 - RL step: the wall time of the above, each step (resrl: rollout + update + sync, without the
   diagnostics; TRL: from the first optimizer step's begin to the last one's end); its median, and
   the ratio resrl / TRL;
@@ -42,8 +43,9 @@ Stages (seconds; median over the measured steps, after the warm-up steps):
 
 What stays different: the advantages (TRL has GRPO's group-normalized ones; resrl runs the config's
 algorithm, ResRL by default: add `algorithm.name=grpo` to compare like with like, the compute
-differs by ResRL's token weights, ~1 % of an update), the sampler (vLLM against HF generate: the
-point), TRL's token-mean normalizer (the generation batch's token count over its optimizer steps,
+differs by ResRL's token weights, ~1 % of an update), the sampler (resrl's
+Gumbel-max sampler that also keeps hidden states, or vLLM with `rollout.backend=vllm`), resrl's update
+running each group's prompt once (`trainer.share_prompts`; TRL runs it in every sample), TRL's token-mean normalizer (the generation batch's token count over its optimizer steps,
 resrl's each mini-batch's own), resrl's scoring pass also computing entropy and hidden states, and
 the samples themselves (each side's own random draws, so response lengths differ a little: the
 table prints them). TRL's process has vLLM and DeepSpeed hidden (`pip install trl` brings neither).
