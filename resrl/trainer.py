@@ -281,11 +281,8 @@ class PolicyTrainer:
                 hidden = torch.zeros(len(rows), t, H)
                 for i, r in enumerate(rows.tolist()):
                     hidden[i, :len(sampled.hidden[r])] = sampled.hidden[r]
-                w, st = self.token_fn(hidden.to(self.device), mask[rows, :t].to(self.device),
-                                 batch.correct[rows].to(self.device), batch.group_ids[rows].to(self.device),
-                                 self.cfg.algorithm, seed=seed)
-                weights[rows, :t] = w.float().cpu()
-                stats.append(st)
+                stats.append(self._weigh_tokens(weights, batch, rows, hidden.to(self.device),
+                                                mask[rows, :t].to(self.device), seed))
         return self._scored(logp, torch.full((B, T), float("nan")), weights, None, stats)
 
     @torch.no_grad()
@@ -308,7 +305,6 @@ class PolicyTrainer:
         weights = torch.ones(B, T)
         ref = torch.zeros(B, T) if self.ref_model is not None else None
         stats = []
-        correct = batch.correct
         layer = self.cfg.algorithm.hidden_layer if self.token_fn else None
         with evaluating(self.engine):
             for rows in group_chunks(batch.group_ids, self.cfg.trainer.micro_batch_size):
@@ -316,14 +312,20 @@ class PolicyTrainer:
                 t = lp.shape[1]
                 logp[rows, :t], entropy[rows, :t] = lp.float().cpu(), ent.float().cpu()
                 if self.token_fn is not None:
-                    w, st = self.token_fn(hidden, mask, correct[rows].to(self.device),
-                                     batch.group_ids[rows].to(self.device), self.cfg.algorithm, seed=seed)
-                    weights[rows, :t] = w.float().cpu()
-                    stats.append(st)
+                    stats.append(self._weigh_tokens(weights, batch, rows, hidden, mask, seed))
                 if ref is not None:
                     rlp, _, _, _ = self._forward(self.ref_model, batch, rows)
                     ref[rows, :t] = rlp.float().cpu()
         return self._scored(logp, entropy, weights, ref, stats)
+
+    @torch.no_grad()
+    def _weigh_tokens(self, weights, batch: RolloutBatch, rows, hidden, mask, seed: int) -> ResidualStats:
+        """The token weights of `rows` (whole groups) from their hidden states (len(rows), t, H), written into
+        `weights[rows, :t]`; returns the chunk's stats."""
+        w, st = self.token_fn(hidden, mask, batch.correct[rows].to(self.device), batch.group_ids[rows].to(self.device),
+                              self.cfg.algorithm, seed=seed)
+        weights[rows, :w.shape[1]] = w.float().cpu()
+        return st
 
     def _scored(self, logp, entropy, weights, ref, stats: list[ResidualStats]) -> Scored:
         """The pass's result: the token weights apply only for an algorithm that weights tokens (the
@@ -374,11 +376,7 @@ class PolicyTrainer:
             w = lp.shape[1]
             logp[rows, :w], entropy[rows, :w] = lp.detach().float().cpu(), ent.detach().float().cpu()  # old = own
             if self.token_fn is not None:
-                with torch.no_grad():
-                    tw, st = self.token_fn(hidden.detach(), m, batch.correct[rows].to(self.device),
-                                      batch.group_ids[rows].to(self.device), cfg.algorithm, seed=seed)
-                weights[rows, :w] = tw.float().cpu()
-                stats.append(st)
+                stats.append(self._weigh_tokens(weights, batch, rows, hidden.detach(), m, seed))
             applied = weights[rows, :w] if self.algorithm.token_weights is not None else torch.ones(len(rows), w)
             adv[rows, :w] = seq_adv[rows, None] * applied * mask[rows, :w]
             return self._policy_loss(rows, lp, ent, m, logp, adv, coef, None, sampler)  # no reference model here
