@@ -303,7 +303,8 @@ def build_shared_caches(configs: list[dict], logger) -> None:
         seen.add(deps)
         t0 = time.time()
         got = prepare(from_dict(config), progress=True)
-        built = [name for name, reused in (("data", got["data_reused"]), ("warm-start", got["warmstart_reused"]))
+        warm = "warm-start (published copy)" if got.get("warmstart_source") == "published" else "warm-start"
+        built = [name for name, reused in (("data", got["data_reused"]), (warm, got["warmstart_reused"]))
                  if reused is False]
         logger.info("shared cache entries %s (%.0f s, all cores): %s", "built: " + ", ".join(built) if built
                     else "reused", time.time() - t0, got["policy_dir"])

@@ -202,7 +202,8 @@ def _train(run: _Run) -> dict:
     for line in prepared["summary_lines"]:
         run.logger.info("data: %s", line)
     run.logger.info("policy: %s (warm-start %s)", prepared["policy_dir"],
-                    {None: "off", True: "reused from cache", False: "trained now"}[prepared["warmstart_reused"]])
+                    {None: "off", "cache": "reused from cache", "trained": "trained now",
+                     "published": "the project's published build, checked by sha256"}[prepared["warmstart_source"]])
     if not state.data_logged and state.step == 0 and not state.evaluated:  # once per run, also across resumes
         if not tracking.logged_steps(cfg.run, run.run_id, next(iter(prepared["metrics"]))):  # (unless logged, killed)
             tracking.log_metrics(cfg.run, run.run_id, prepared["metrics"], 0)

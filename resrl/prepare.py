@@ -2,7 +2,8 @@
 
     base model   cache/models/tiny-<key>      (embedded) or model.path (yours)
     dataset      cache/data/<key>             tokenized with the base model's tokenizer
-    warm-start   cache/warmstart/<key>        supervised warm-start of the base model
+    warm-start   cache/warmstart/<key>        supervised warm-start of the base model, or the project's
+                                              published build of that entry (resrl/published.py)
 """
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ import json
 import time
 from pathlib import Path
 
+from resrl import published
 from resrl.cache import cached_dir, key_of
 from resrl.data import DataError, load_prepared, load_summary, prepare_dataset
-
 
 
 # The config sections (and run.cache_dir) that decide which cache entries `prepare` builds: two
@@ -38,21 +39,13 @@ def files_identity(path: Path) -> list:
                                      f.stat().st_mtime_ns) for f in files]
 
 
-def prepare_base_and_data(cfg) -> dict:
-    """The base model folder and the tokenized dataset (cached); no training."""
-    from transformers import AutoTokenizer
-
-    from resrl.embedded import save_embedded_base
-
-    cache = Path(cfg.run.cache_dir)
+def cache_keys(cfg) -> dict[str, str]:
+    """The cache keys of the base model, the dataset and the warm-start of `cfg`, computed from
+    the config (and the identity of its input files) alone: nothing is built."""
     if cfg.model.path is None:
         base_key = key_of("tiny", dict(cfg.model.tiny), cfg.base_seed)
-        base, _ = cached_dir(cache / "models" / f"tiny-{base_key}",
-                             lambda d: save_embedded_base(d, cfg.model.tiny, cfg.base_seed))
     else:
-        base = Path(cfg.model.path)
-        base_key = key_of(files_identity(base))
-    tokenizer = AutoTokenizer.from_pretrained(str(base))
+        base_key = key_of(files_identity(Path(cfg.model.path)))
     # the input files' identity joins the key only when there are files: synthetic data keeps its old keys
     data_files = files_identity(cfg.data.path) if cfg.data.path is not None else []
     if cfg.data.source == "synthetic":  # the generator's version stands for its "files"
@@ -60,9 +53,27 @@ def prepare_base_and_data(cfg) -> dict:
 
         data_files = [f"synthetic-v{VERSION}"]
     data_key = key_of(dict(cfg.data), base_key, cfg.base_seed, *([data_files] if data_files else []))
-    dataset_dir, reused = cached_dir(cache / "data" / data_key, lambda d: prepare_dataset(cfg, tokenizer, d))
-    return {"base_dir": base, "base_key": base_key, "dataset_dir": dataset_dir, "data_key": data_key,
-            "data_reused": reused}
+    warmstart_key = key_of(dict(cfg.warmstart), data_key, base_key, cfg.base_seed)
+    return {"base": base_key, "data": data_key, "warmstart": warmstart_key}
+
+
+def prepare_base_and_data(cfg) -> dict:
+    """The base model folder and the tokenized dataset (cached); no training."""
+    from transformers import AutoTokenizer
+
+    from resrl.embedded import save_embedded_base
+
+    cache = Path(cfg.run.cache_dir)
+    keys = cache_keys(cfg)
+    if cfg.model.path is None:
+        base, _ = cached_dir(cache / "models" / f"tiny-{keys['base']}",
+                             lambda d: save_embedded_base(d, cfg.model.tiny, cfg.base_seed))
+    else:
+        base = Path(cfg.model.path)
+    tokenizer = AutoTokenizer.from_pretrained(str(base))
+    dataset_dir, reused = cached_dir(cache / "data" / keys["data"], lambda d: prepare_dataset(cfg, tokenizer, d))
+    return {"base_dir": base, "base_key": keys["base"], "dataset_dir": dataset_dir, "data_key": keys["data"],
+            "data_reused": reused, "warmstart_key": keys["warmstart"]}
 
 
 def check_room_for_prompts(cfg, dataset_dir: Path) -> None:
@@ -105,21 +116,29 @@ def prepare(cfg, progress: bool = True) -> dict:
     check_reward_sources(cfg.reward, dataset_dir)
     metrics = dict(summary.as_metrics())
     policy = base
-    warm_reused = None
+    warm_reused = warm_source = None
     if cfg.warmstart.enabled:
-        ws_key = key_of(dict(cfg.warmstart), got["data_key"], got["base_key"], cfg.base_seed)
+        warm_source = "cache"
 
         def build(d):
+            nonlocal warm_source
+            got_published = published.copy_into(got["warmstart_key"], d) if cfg.run.published_warmstart else None
+            if got_published is not None:  # the project's own build of this very entry (resrl/published.py)
+                warm_source = "published"
+                metrics.update(got_published)
+                return
+            warm_source = "trained"
             train = load_prepared(dataset_dir)["train"]
             metrics.update(warm_start(str(base), d, train, cfg, progress=progress))
 
-        policy, warm_reused = cached_dir(Path(cfg.run.cache_dir) / "warmstart" / ws_key, build)
+        policy, warm_reused = cached_dir(Path(cfg.run.cache_dir) / "warmstart" / got["warmstart_key"], build)
     return {
         "dataset_dir": str(dataset_dir),
         "base_dir": str(base),
         "policy_dir": str(policy),
         "data_reused": got["data_reused"],
         "warmstart_reused": warm_reused,
+        "warmstart_source": warm_source,  # None (off) | cache | published (resrl/published.py) | trained
         "summary_lines": summary.lines(),
         "metrics": metrics,
         "seconds": time.time() - t0,

@@ -6,7 +6,10 @@ the algorithm under study.
 """
 from __future__ import annotations
 
+import json
 import random
+import time
+from pathlib import Path
 
 import torch
 
@@ -29,6 +32,7 @@ def warm_start(base_dir, out_dir, train_rows, cfg, progress: bool = True) -> dic
     if not examples:
         raise ConfigError("warmstart.enabled=true but the training data has no worked solutions; "
                           "set warmstart.enabled=false")
+    t0 = time.time()
     torch.manual_seed(cfg.base_seed)
     rng = random.Random(cfg.base_seed)
     opt = torch.optim.AdamW(model.parameters(), lr=w.lr, weight_decay=0.0)
@@ -59,4 +63,7 @@ def warm_start(base_dir, out_dir, train_rows, cfg, progress: bool = True) -> dic
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     tail = losses[-20:]
-    return {"warmstart/final_loss": sum(tail) / len(tail)}
+    final_loss = sum(tail) / len(tail)
+    (Path(out_dir) / "warmstart.json").write_text(json.dumps(  # resrl.published.RECORD
+        {"final_loss": final_loss, "steps": w.steps, "seconds": round(time.time() - t0, 1)}, indent=2) + "\n")
+    return {"warmstart/final_loss": final_loss}
