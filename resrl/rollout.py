@@ -211,6 +211,41 @@ class _GumbelSampler:
         return out
 
 
+def preallocated_cache(num_layers: int, capacity: int):
+    """A DynamicCache whose layers write each new token's keys and values into buffers of `capacity`
+    positions, allocated at the first token, instead of concatenating: DynamicLayer's `torch.cat`
+    copies a layer's whole cache at every generated token (a sixth of a rollout's time on the
+    embedded default). Attention reads views of exactly the positions filled so far, so the
+    samples, log-probs and states are those of a plain DynamicCache, bit for bit
+    (tests/test_rollout_backends.py). For `generate` without beams (no reordering, no cropping)."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    class PreallocatedLayer(DynamicLayer):
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+                self.filled = 0
+                shape = (*key_states.shape[:2], max(capacity, key_states.shape[-2]), key_states.shape[-1])
+                self.buffers = (key_states.new_empty(shape), value_states.new_empty(shape))
+            end = self.filled + key_states.shape[-2]
+            if end > self.buffers[0].shape[-2]:  # past the capacity (generate stays within it): grow
+                size = max(end, 2 * self.buffers[0].shape[-2])
+                grown = tuple(b.new_empty((*b.shape[:-2], size, b.shape[-1])) for b in self.buffers)
+                for g, b in zip(grown, self.buffers):
+                    g[..., :self.filled, :].copy_(b[..., :self.filled, :])
+                self.buffers = grown
+            for buffer, new in zip(self.buffers, (key_states, value_states)):
+                buffer[..., self.filled:end, :].copy_(new)
+            self.filled = end
+            self.keys, self.values = (b[..., :end, :] for b in self.buffers)
+            return self.keys, self.values
+
+    cache = DynamicCache()
+    cache.layers = [PreallocatedLayer() for _ in range(num_layers)]
+    cache.layer_class_to_replicate = None
+    return cache
+
+
 class HFRolloutEngine:
     """Hugging Face `generate` on a copy of the policy, in this process."""
 
@@ -285,8 +320,11 @@ class HFRolloutEngine:
         capture = capture_hidden(self.model, hidden_layer, every_call=True) if hidden_layer is not None \
             else contextlib.nullcontext()
         with capture as box:
+            cache = preallocated_cache(self.model.config.get_text_config(decoder=True).num_hidden_layers,
+                                       width + max_tokens)
             new = self.model.generate(input_ids=ids.to(self.device), attention_mask=attn.to(self.device),
-                                      generation_config=config, logits_processor=LogitsProcessorList([sampler]))
+                                      generation_config=config, logits_processor=LogitsProcessorList([sampler]),
+                                      past_key_values=cache)
         new = new[:, width:].cpu()
         states = None
         if hidden_layer is not None:  # one forward per new token: the prompt's (its last position), then one each

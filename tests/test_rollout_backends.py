@@ -126,3 +126,37 @@ def test_hf_ignores_the_model_folders_generation_settings(micro_model, tmp_path)
         logits = model(torch.tensor([prompt + ids])).logits[0, len(prompt) - 1:-1] / 0.8
     want = logits.log_softmax(-1).gather(-1, torch.tensor(ids)[:, None]).squeeze(-1)
     assert float((want - torch.tensor(logp)).abs().max()) < 1e-5
+
+
+def test_hf_preallocated_cache_samples_as_the_plain_cache(hf_engine, monkeypatch):
+    """The cache written in place gives the tokens, log-probs and states a plain DynamicCache gives, bit for bit."""
+    from transformers import DynamicCache
+
+    import resrl.rollout
+
+    def run():
+        return hf_engine.generate_with_states(PROMPTS, n=4, temperature=0.7, top_p=1.0, top_k=-1, max_tokens=12,
+                                              seed=11, logprobs=True, hidden_layer=-2)
+
+    built = []
+    real = resrl.rollout.preallocated_cache
+    monkeypatch.setattr(resrl.rollout, "preallocated_cache", lambda *a: built.append(real(*a)) or built[-1])
+    fast, fast_states = run()
+    assert built and built[-1].layers[0].filled == max(len(p) for p in PROMPTS) + max(
+        len(ids) for samples in fast for ids, _, _ in samples) - 1  # it was the cache generate wrote into
+    monkeypatch.setattr(resrl.rollout, "preallocated_cache", lambda *a: DynamicCache())
+    plain, plain_states = run()
+    assert fast == plain
+    for fs, ps in zip(fast_states, plain_states):
+        assert all(torch.equal(f, p) for f, p in zip(fs, ps))
+
+
+def test_preallocated_cache_layer_keeps_every_token_past_its_capacity():
+    from resrl.rollout import preallocated_cache
+
+    cache = preallocated_cache(1, 3)
+    chunks = [torch.randn(2, 2, n, 4) for n in (2, 1, 1, 3)]  # 7 positions into a capacity of 3
+    for c in chunks:
+        keys, values = cache.layers[0].update(c, -c)
+    assert torch.equal(keys, torch.cat(chunks, dim=-2)) and torch.equal(values, -torch.cat(chunks, dim=-2))
+    assert cache.get_seq_length() == 7
