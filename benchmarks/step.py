@@ -55,7 +55,8 @@ time/weight_sync_s, time/eval_s) plus this script's wrappers around `PolicyTrain
 `negative_interference` and `positive_logp` (instance attributes, set here); nothing in the
 library is changed. Run it on a quiet machine: each side uses all cores in turn (both use torch's
 default thread count, or OMP_NUM_THREADS when set). The first run also builds what is missing:
-the warm-start (~3 min on 2 quiet cores, cached in run.cache_dir) and the TRL venv (~2 min).
+the warm-start (the default's is copied from its published build, resrl/published.py; another
+config's is trained, ~3 min on 2 quiet cores; cached in run.cache_dir) and the TRL venv (~2 min).
 """
 from __future__ import annotations
 
