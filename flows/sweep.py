@@ -290,14 +290,14 @@ def build_shared_caches(configs: list[dict], logger) -> None:
     """Build the cache entries the points share (base model, dataset, warm-start) here, on every
     core of the sweep, before the lanes start. Otherwise the first lane builds them on its share
     of the cores while the other lanes wait for it (the cache lock): on 2 cores a cold smoke
-    sweep's warm-start took 150 s in two lanes against 98 s in one. Each distinct set of the
-    sections the entries depend on is prepared once; a bad dataset or model fails the sweep
+    sweep's warm-start took 150 s in two lanes against 98 s in one. Each distinct set of cache
+    entries (`resrl.prepare.shared_work`) is prepared once; a bad dataset or model fails the sweep
     here, before any lane starts."""
-    from resrl.prepare import cache_inputs, prepare  # torch and transformers: only when lanes need it
+    from resrl.prepare import prepare, shared_work  # torch and transformers: only when lanes need it
 
     seen = set()
     for config in configs:
-        deps = cache_inputs(config)
+        deps = shared_work(config)
         if deps in seen:
             continue
         seen.add(deps)

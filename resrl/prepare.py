@@ -16,15 +16,15 @@ from resrl.cache import cached_dir, key_of
 from resrl.data import DataError, load_prepared, load_summary, prepare_dataset
 
 
-# The config sections (and run.cache_dir) that decide which cache entries `prepare` builds: two
-# configs equal on these share base model, dataset and warm-start (a sweep builds them once)
-CACHE_INPUTS = ("model", "data", "warmstart", "base_seed", "reward")
+def shared_work(config: dict) -> str:
+    """What `prepare` does for a plain config dict, as one string: two configs equal on it build and
+    check the same things (the cache entries by their keys, where, and the data's rewards), so a
+    sweep prepares it once for all of them."""
+    from resrl.config import from_dict
 
-
-def cache_inputs(config: dict) -> str:
-    """The part of a plain config dict that `prepare`'s cache entries depend on, as one string."""
-    return json.dumps([config.get(k) for k in CACHE_INPUTS] + [config["run"].get("cache_dir")],
-                      sort_keys=True, default=str)
+    cfg = from_dict(config)
+    return json.dumps([cache_keys(cfg), config["run"].get("cache_dir"), config.get("reward")], sort_keys=True,
+                      default=str)
 
 
 def files_identity(path: Path) -> list:

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from resrl.config import load_config, to_dict
     from resrl.environment import set_process_defaults
-    from resrl.prepare import CACHE_INPUTS, cache_keys
+    from resrl.prepare import cache_keys
 
     set_process_defaults()  # as `resrl train` runs: offline hub, thread settings (the same files result)
 
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                 cwd=Path(__file__).parent).stdout.strip() or "unknown"
         plain = to_dict(cfg)
-        d = publish(key, built, config={k: plain.get(k) for k in CACHE_INPUTS}, commit=commit)
+        d = publish(key, built, config={k: v for k, v in plain.items() if k != "run"}, commit=commit)
     print(f"published warm-start {key} in {d}")
     return 0
 
