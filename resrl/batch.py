@@ -100,19 +100,26 @@ class SamplerStates:
     hidden: list[torch.Tensor | None] | None
 
 
+def padded(rows: list[list[int]], pad_id: int, *, left: bool, width: int | None = None):
+    """Token-id rows as one (B, width) long tensor padded with `pad_id` on the left (prompts, so
+    their last tokens line up) or on the right, and its attention mask; width: the longest row's."""
+    width = max((len(r) for r in rows), default=0) if width is None else width
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attn = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            cols = slice(width - len(r), width) if left else slice(0, len(r))
+            ids[i, cols] = torch.tensor(r, dtype=torch.long)
+            attn[i, cols] = 1
+    return ids, attn
+
+
 def pack(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
     """Left-pad prompts, right-pad responses: input_ids, attention_mask, position_ids, response_mask."""
-    P = max(len(p) for p in prompt_ids)
+    prompts, prompt_attn = padded(prompt_ids, pad_id, left=True)
     T = max(max((len(r) for r in response_ids), default=0), 1)
-    B = len(prompt_ids)
-    ids = torch.full((B, P + T), pad_id, dtype=torch.long)
-    attn = torch.zeros(B, P + T, dtype=torch.long)
-    for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
-        ids[i, P - len(p):P] = torch.tensor(p, dtype=torch.long)
-        attn[i, P - len(p):P] = 1
-        if r:
-            ids[i, P:P + len(r)] = torch.tensor(r, dtype=torch.long)
-            attn[i, P:P + len(r)] = 1
+    responses, response_attn = padded(response_ids, pad_id, left=False, width=T)
+    ids, attn = torch.cat([prompts, responses], dim=1), torch.cat([prompt_attn, response_attn], dim=1)
     position_ids = (attn.cumsum(dim=1) - 1).clamp_min(0)
     return {"input_ids": ids, "attention_mask": attn, "position_ids": position_ids,
-            "response_mask": attn[:, P:].bool(), "prompt_width": P}
+            "response_mask": response_attn.bool(), "prompt_width": prompts.shape[1]}

@@ -21,6 +21,7 @@ from typing import Iterable
 import torch
 from omegaconf import OmegaConf
 
+from resrl.batch import padded
 from resrl.devices import resolve_device, resolve_dtype
 from resrl.environment import set_engine_defaults
 from resrl.hidden_states import capture_hidden
@@ -269,8 +270,6 @@ class HFRolloutEngine:
 
     @classmethod
     def for_run(cls, policy_dir: str, cfg, longest_prompt: int) -> "HFRolloutEngine":
-        from resrl.devices import resolve_device, resolve_dtype
-
         device = resolve_device(cfg.trainer.device)
         dtype = str(resolve_dtype(cfg.model.dtype, device)).replace("torch.", "")
         return cls(policy_dir, dtype=dtype, device=device, max_num_seqs=cfg.rollout.max_num_seqs)
@@ -308,12 +307,8 @@ class HFRolloutEngine:
     def _generate(self, prompts, *, n, temperature, top_p, top_k, max_tokens, seeds, logprobs, hidden_layer=None):
         from transformers import GenerationConfig, LogitsProcessorList
 
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts) * n, width), self.pad_id, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        for i, p in enumerate(prompts):
-            ids[i * n:(i + 1) * n, width - len(p):] = torch.tensor(p, dtype=torch.long)
-            attn[i * n:(i + 1) * n, width - len(p):] = 1
+        ids, attn = (x.repeat_interleave(n, dim=0) for x in padded(prompts, self.pad_id, left=True))  # n rows a prompt
+        width = ids.shape[1]
         sampler = _GumbelSampler(seeds, n, temperature, top_p, top_k, self.device)
         config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_tokens,
                                   eos_token_id=self.stop_ids, pad_token_id=self.pad_id)

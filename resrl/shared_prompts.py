@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from resrl.batch import pack
+from resrl.batch import pack, padded
 
 
 @dataclass
@@ -62,14 +62,7 @@ def _shared(model, prompt_ids, response_ids, pad_id, device) -> RowsForward:
     # 1. each distinct prompt but its last token, left-padded to W, once: its keys and values
     index: dict[tuple, int] = {}
     row_prompt = torch.tensor([index.setdefault(tuple(p), len(index)) for p in prompt_ids], device=device)
-    heads = [list(p[:-1]) for p in index]
-    W = max(len(h) for h in heads)
-    head_ids = torch.full((len(heads), W), pad_id, dtype=torch.long)
-    head_attn = torch.zeros(len(heads), W, dtype=torch.long)
-    for i, h in enumerate(heads):
-        if h:
-            head_ids[i, W - len(h):] = torch.tensor(h, dtype=torch.long)
-            head_attn[i, W - len(h):] = 1
+    head_ids, head_attn = padded([list(p[:-1]) for p in index], pad_id, left=True)
     head_attn = head_attn.to(device)
     out = model(input_ids=head_ids.to(device), attention_mask=head_attn,
                 position_ids=(head_attn.cumsum(1) - 1).clamp_min(0), use_cache=True, logits_to_keep=1)
@@ -77,13 +70,8 @@ def _shared(model, prompt_ids, response_ids, pad_id, device) -> RowsForward:
     cache = DynamicCache([(layer.keys.index_select(0, row_prompt), layer.values.index_select(0, row_prompt))
                           for layer in out.past_key_values.layers])
     # 3. [last prompt token] + response per row, right-padded to T + 1, at its true positions
-    B = len(prompt_ids)
     T = max(max((len(r) for r in response_ids), default=0), 1)
-    ids = torch.full((B, T + 1), pad_id, dtype=torch.long)
-    attn = torch.zeros(B, T + 1, dtype=torch.long)
-    for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
-        ids[i, :len(r) + 1] = torch.tensor([p[-1], *r], dtype=torch.long)
-        attn[i, :len(r) + 1] = 1
+    ids, attn = padded([[p[-1], *r] for p, r in zip(prompt_ids, response_ids)], pad_id, left=False, width=T + 1)
     ids, attn = ids.to(device), attn.to(device)
     start = torch.tensor([len(p) - 1 for p in prompt_ids], device=device)
     out = model(input_ids=ids, attention_mask=torch.cat([head_attn.index_select(0, row_prompt), attn], dim=1),
