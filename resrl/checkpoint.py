@@ -14,7 +14,6 @@ these paths instead of spelling them.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from resrl.cache import file_sha256
 from resrl.errors import UserError
 
 POLICY = "policy"
@@ -85,20 +85,12 @@ class CheckpointDamaged(UserError):
     """No intact checkpoint to resume from."""
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_manifest(ckpt_dir: Path, step: int, **info) -> None:
     """Every file of the checkpoint with its size and sha256, plus `step` and `info` (the MLflow run
     id, the config hash): written at the commit, after everything else, atomically. A resume
     verifies it (`verify`); a run folder that lost its state.json is recovered from it."""
     ckpt_dir = Path(ckpt_dir)
-    files = {str(p.relative_to(ckpt_dir)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+    files = {str(p.relative_to(ckpt_dir)): {"size": p.stat().st_size, "sha256": file_sha256(p)}
              for p in sorted(ckpt_dir.rglob("*")) if p.is_file() and p.name != MANIFEST}
     tmp = ckpt_dir / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps({"step": step, **info, "files": files}, indent=1))
@@ -138,7 +130,7 @@ def verify(ckpt_dir: Path) -> str | None:
         size = path.stat().st_size
         if size != want["size"]:
             return f"{path} has {size} bytes, its manifest says {want['size']}"
-        if _sha256(path) != want["sha256"]:
+        if file_sha256(path) != want["sha256"]:
             return f"{path} does not match its sha256 in the manifest"
     return None
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from resrl.published import ROOT, publish, sha256, verified
+from resrl.cache import file_sha256
+from resrl.published import ROOT, publish, verified
 
 
 def _fresh_build(cfg, cache_dir: Path) -> tuple[str, Path]:
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"no verified published warm-start {key} in {ROOT}")
                 return 1
             diff = _compare(built / weights, d / weights)
-            same = sha256(built / weights) == sha256(d / weights)
+            same = file_sha256(built / weights) == file_sha256(d / weights)
             print(f"warm-start {key}: trained here vs published: {'bit-identical' if same else 'different'}"
                   f" (max |difference| {diff:.3g})")
             return 0 if same else 1

@@ -17,12 +17,13 @@ tests/test_published.py fails until then.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import platform
 import shutil
 from pathlib import Path
+
+from resrl.cache import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -36,14 +37,6 @@ def folder(key: str, root: Path | None = None) -> Path:
     return Path(ROOT if root is None else root) / f"warmstart-{key}"
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def verified(key: str, root: Path | None = None) -> Path | None:
     """The published folder of warm-start `key` when there is one and every file listed in its
     manifest has its recorded sha256 (and no file is missing); None otherwise (a warning says why)."""
@@ -53,7 +46,7 @@ def verified(key: str, root: Path | None = None) -> Path | None:
     try:
         manifest = json.loads((d / MANIFEST).read_text())
         files = manifest["files"]
-        bad = [name for name, digest in files.items() if not (d / name).is_file() or sha256(d / name) != digest]
+        bad = [name for name, digest in files.items() if not (d / name).is_file() or file_sha256(d / name) != digest]
     except (OSError, ValueError, KeyError, TypeError) as e:
         logger.warning("published warm-start %s: unreadable manifest (%s); training it here instead", d, e)
         return None
@@ -88,7 +81,7 @@ def publish(key: str, built_dir: Path, *, config: dict, commit: str, root: Path 
     for f in sorted(Path(built_dir).iterdir()):
         if f.is_file():
             shutil.copy2(f, d / f.name)
-            files[f.name] = sha256(d / f.name)
+            files[f.name] = file_sha256(d / f.name)
     record = json.loads((d / RECORD).read_text()) if (d / RECORD).is_file() else {}
     manifest = {
         "key": key,

@@ -9,6 +9,7 @@ import shutil
 import pytest
 
 from resrl import published
+from resrl.cache import file_sha256
 from resrl.config import load_config
 from resrl.prepare import cache_keys, prepare
 
@@ -90,7 +91,7 @@ def test_prepare_copies_the_published_warmstart_instead_of_training(tmp_path, mo
     assert got["warmstart_source"] == "published" and got["warmstart_reused"] is False and not calls
     manifest = json.loads((published.folder(key) / published.MANIFEST).read_text())
     assert got["policy_dir"].endswith(key)
-    assert published.sha256(tmp_path / "cache" / "warmstart" / key / WEIGHTS) == manifest["files"][WEIGHTS]
+    assert file_sha256(tmp_path / "cache" / "warmstart" / key / WEIGHTS) == manifest["files"][WEIGHTS]
     assert got["metrics"]["warmstart/final_loss"] == manifest["metrics"]["warmstart/final_loss"]
     again = prepare(cfg, progress=False)
     assert again["warmstart_source"] == "cache" and again["warmstart_reused"] is True and not calls
