@@ -32,7 +32,7 @@ PROCESS_DEFAULTS = {
 # glibc's malloc: keep freed memory for reuse rather than hand it back to the kernel. A training step
 # allocates and frees the same few-MB activations in every micro-batch; by default glibc serves
 # such blocks with mmap and returns them on free, so every reuse page-faults them in again
-# (16,000-36,000 faults per update of the embedded default, README "Passes of an update").
+# (17,000-44,000 faults per update of the embedded default, README "Measured").
 # (name of glibc's variable, mallopt's parameter number for it, value)
 MALLOC_DEFAULTS = (
     ("MALLOC_MMAP_THRESHOLD_", -3, 32 << 20),  # blocks below 32 MiB from the heap (glibc's largest threshold)

@@ -14,7 +14,7 @@ from resrl.cache import file_sha256
 from resrl.published import ROOT, publish, verified
 
 
-def _fresh_build(cfg, cache_dir: Path) -> tuple[str, Path]:
+def _fresh_build(cfg, cache_dir: Path) -> Path:
     """Train the warm-start of `cfg` (never the published copy) in the empty cache `cache_dir`."""
     from resrl.prepare import prepare
 
@@ -22,7 +22,7 @@ def _fresh_build(cfg, cache_dir: Path) -> tuple[str, Path]:
     cfg.run.published_warmstart = False
     got = prepare(cfg, progress=True)
     assert got["warmstart_source"] == "trained", got["warmstart_source"]
-    return Path(got["policy_dir"]).name, Path(got["policy_dir"])
+    return Path(got["policy_dir"])
 
 
 def _compare(a: Path, b: Path) -> float:
@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("this config has warmstart.enabled=false: there is nothing to publish")
     key = cache_keys(cfg)["warmstart"]
     with tempfile.TemporaryDirectory(prefix="resrl-publish-") as tmp:
-        built_key, built = _fresh_build(cfg, Path(tmp))
-        assert built_key == key
+        built = _fresh_build(cfg, Path(tmp))
+        assert built.name == key  # the cache entry's folder is named by its key
         weights = "model.safetensors"
         if args.check:
             d = verified(key)

@@ -89,7 +89,7 @@ def publish(key: str, built_dir: Path, *, config: dict, commit: str, root: Path 
         "metrics": {"warmstart/final_loss": record["final_loss"]} if "final_loss" in record else {},
         "built": {"commit": commit, "torch": torch.__version__, "machine": platform.machine(),
                   "cpu": _cpu_name(), "seconds": record.get("seconds")},
-        "config": config,  # the sections the key is made of, for a reader
+        "config": config,  # what it was built from (the whole config but `run`), for a reader
     }
     (d / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return d

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from resrl import interrupts
+from resrl.published import RECORD
 from resrl.errors import ConfigError
 
 
@@ -64,6 +65,6 @@ def warm_start(base_dir, out_dir, train_rows, cfg, progress: bool = True) -> dic
     tokenizer.save_pretrained(out_dir)
     tail = losses[-20:]
     final_loss = sum(tail) / len(tail)
-    (Path(out_dir) / "warmstart.json").write_text(json.dumps(  # resrl.published.RECORD
+    (Path(out_dir) / RECORD).write_text(json.dumps(
         {"final_loss": final_loss, "steps": w.steps, "seconds": round(time.time() - t0, 1)}, indent=2) + "\n")
     return {"warmstart/final_loss": final_loss}
